@@ -1,0 +1,111 @@
+"""Building blocks shared by all models: input normalization, conv/BN factories, the basic block.
+
+Every model takes float images in [0, 1] and normalizes them itself, so adversarial attacks can
+work in pixel space. Every conv and BatchNorm is a named submodule, so the channel count of each
+layer can be read from the parameter tree (filter pruning relies on this).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adcorda_jax.registry import Registry
+
+# A builder turns validated config values into a module:
+# builder(num_classes=, width=, dropout=, mean=, std=) -> nn.Module.
+ModelBuilder = Callable[..., nn.Module]
+
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+# He et al. (2015) normal init scaled by fan-out, as in the reference ResNet implementations.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scaled_channels(base: int, width: float) -> int:
+  """Channel count of a layer with `base` channels at width multiplier `width` (at least 1)."""
+  return max(1, round(base * width))
+
+
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """Maps [0, 1] NHWC images to (x - mean) / std with per-channel (or scalar) constants."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"models expect float images in [0, 1], got dtype {x.dtype}")
+  if x.ndim != 4:
+    raise ValueError(f"models expect NHWC images, got shape {x.shape}")
+  channels = x.shape[-1]
+  for label, values in (("mean", mean), ("std", std)):
+    if len(values) not in (1, channels):
+      raise ValueError(
+          f"{label} has {len(values)} values but images have {channels} channels")
+  mean_array = jnp.asarray(mean, jnp.float32)
+  std_array = jnp.asarray(std, jnp.float32)
+  return (x.astype(jnp.float32) - mean_array) / std_array
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, name: str | None = None) -> nn.Conv:
+  """A bias-free square conv with symmetric `kernel_size // 2` padding (PyTorch-style)."""
+  pad = kernel_size // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_kernel_init, name=name)
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch-equivalent settings; batch statistics are used only in training."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max-pool (an odd last row/column is dropped, like VALID padding).
+
+  Written as reshape + max because its gradient is several times cheaper on CPU than that of
+  `nn.max_pool` (whose backward pass is XLA's slow select-and-scatter).
+  """
+  batch, height, width, channels = x.shape
+  x = x[:, :height - height % 2, :width - width % 2, :]
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+  """[N, H, W, C] -> [N, C]."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: two 3x3 conv-BN layers plus an identity or 1x1-projection shortcut.
+
+  The projection (`shortcut_conv`, `shortcut_bn`) is used whenever the stride or the channel count
+  changes, i.e. option B of He et al. (2016).
+  """
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    residual = x
+    y = conv(self.features, 3, self.strides, name="conv1")(x)
+    y = nn.relu(batch_norm(train, name="bn1")(y))
+    y = conv(self.features, 3, name="conv2")(y)
+    y = batch_norm(train, name="bn2")(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = conv(self.features, 1, self.strides, name="shortcut_conv")(x)
+      residual = batch_norm(train, name="shortcut_bn")(residual)
+    return nn.relu(y + residual)
+
+
+def residual_stages(x: jax.Array, blocks_per_stage: Sequence[int], channels: Sequence[int],
+                    strides: Sequence[int], train: bool) -> jax.Array:
+  """Applies stages of basic blocks; call it inside a compact `__call__` so blocks attach there.
+
+  Stage `s` (1-based) has `blocks_per_stage[s-1]` blocks of `channels[s-1]` channels named
+  `stage{s}_block{b}` (0-based `b`); its first block downsamples by `strides[s-1]`.
+  """
+  for stage, (num_blocks, features, stride) in enumerate(
+      zip(blocks_per_stage, channels, strides), start=1):
+    for block in range(num_blocks):
+      x = BasicBlock(features, stride if block == 0 else 1,
+                     name=f"stage{stage}_block{block}")(x, train)
+  return x

@@ -1,0 +1,56 @@
+"""ImageNet-style ResNet-18/34 (He et al. 2016) built from basic blocks.
+
+A 7x7 stride-2 conv stem and a 3x3 stride-2 max-pool, four stages with 64/128/256/512 channels and
+strides 1/2/2/2, global average pooling and a linear classifier. The total stride is 32, so inputs
+should be at least 32x32 (64x64 Tiny-ImageNet-style crops and 224x224 both work).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+from absl import logging
+
+from adcorda_jax.models.common import (MODELS, batch_norm, conv, global_average_pool, normalize,
+                                       residual_stages, scaled_channels)
+
+# Registered depth -> basic blocks per stage.
+IMAGENET_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class ResNetImagenet(nn.Module):
+  """ResNet-18/34 with the torchvision layer layout (projection shortcuts when shapes change)."""
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2)
+  width: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+    x = normalize(x, self.mean, self.std)
+    x = conv(scaled_channels(64, self.width), 7, strides=2, name="conv1")(x)
+    x = nn.relu(batch_norm(train, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = residual_stages(
+        x, blocks_per_stage=self.blocks_per_stage,
+        channels=tuple(scaled_channels(base, self.width) for base in (64, 128, 256, 512)),
+        strides=(1, 2, 2, 2), train=train)
+    features = global_average_pool(x)
+    logits = nn.Dense(self.num_classes, name="classifier")(features)
+    return (logits, features) if return_features else logits
+
+
+def build_resnet_imagenet(*, depth: int, num_classes: int, width: float, dropout: float,
+                          mean: Sequence[float], std: Sequence[float]) -> ResNetImagenet:
+  """Builds an ImageNet ResNet of the given registered depth from validated config values."""
+  if dropout:
+    logging.warning("model.dropout=%s is ignored: resnet%d has no dropout layer.", dropout, depth)
+  return ResNetImagenet(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
+                        blocks_per_stage=IMAGENET_STAGE_SIZES[depth], width=width)
+
+
+for _depth in IMAGENET_STAGE_SIZES:
+  MODELS.register(f"resnet{_depth}")(functools.partial(build_resnet_imagenet, depth=_depth))
