@@ -1,0 +1,1 @@
+"""Run outputs for people and machines: metrics logs, Markdown reports and plots."""

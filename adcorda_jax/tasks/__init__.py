@@ -1,0 +1,19 @@
+"""Tasks selectable with `config.task`; each is `run(config, workdir) -> results dict`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+
+from adcorda_jax.registry import Registry
+from adcorda_jax.training.trainer import train_and_evaluate
+
+Task = Callable[[ml_collections.ConfigDict, "str | Path"], dict[str, Any]]
+TASKS: Registry[Task] = Registry("task")
+TASKS.register("train")(train_and_evaluate)
+
+
+def run_task(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Runs the task named by `config.task` in `workdir`."""
+  return TASKS.get(config.get("task", "train"), "task")(config, workdir)
