@@ -68,11 +68,13 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tasks.run_task(config, tmp_path)
   message = _one_line(error)
   assert "diverged at step" in message and "train.learning_rate" in message
+  diverged_at = int(message.split("diverged at step ")[1].split()[0])
   assert not (tmp_path / "results.json").exists()
+  # Every step before the divergence was checkpointed; the last of them is kept and is finite.
   latest = checkpointing.Checkpointer(tmp_path / "checkpoints").latest_step()
-  if latest is not None:  # Whatever was saved is finite: it loads and is usable.
-    variables, _ = checkpointing.load_checkpoint(tmp_path)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+  assert latest == diverged_at - 1 and f"(step {latest})" in message
+  variables, _ = checkpointing.load_checkpoint(tmp_path)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
 
 def test_missing_checkpoint_path(tmp_path):

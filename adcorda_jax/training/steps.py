@@ -70,6 +70,10 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: 
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  # The loss above is computed before the update: only this says the new state is safe to save.
+  metrics["params_finite"] = jnp.all(jnp.stack(
+      [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_state.params)])
+  ).astype(jnp.float32)
   return new_state, metrics
 
 

@@ -50,7 +50,8 @@ def _validate(train_config: ml_collections.ConfigDict) -> None:
 
 def _finite_or_raise(metrics: dict[str, float], step: int, checkpointer: checkpointing.Checkpointer
                      ) -> None:
-  if all(math.isfinite(v) for v in metrics.values()):
+  """Stops training, naming the step, once the loss or the updated parameters are not finite."""
+  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
     return
   last = checkpointer.latest_step()
   kept = (f"the last good checkpoint (step {last}) is kept in {str(checkpointer.directory)!r}"
@@ -63,6 +64,20 @@ def _finite_or_raise(metrics: dict[str, float], step: int, checkpointer: checkpo
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   stacked = jax.device_get(pending)
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _save_on_interrupt(checkpointer: checkpointing.Checkpointer, state: steps.TrainState,
+                       meta: dict[str, Any]) -> None:
+  """Saves the current state on Ctrl-C, if it is intact and finite."""
+  try:
+    step = int(state.step)
+    finite = all(bool(np.isfinite(leaf).all()) for leaf in jax.device_get(
+        jax.tree.leaves(state.params)))
+  except RuntimeError:  # Its buffers were donated to a step that never finished.
+    return
+  if finite and step != checkpointer.latest_step():
+    checkpointer.save(step, state, meta)
+    logging.warning("Interrupted: saved step %d; rerun the same command to resume.", step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -100,6 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   replicated = sharding.replicated(mesh)
+  train_rng = jax.device_put(train_rng, replicated)
   state = jax.jit(functools.partial(steps.create_train_state, model=model,
                                     image_shape=dataset.image_shape, tx=tx),
                   out_shardings=replicated)(init_rng)
@@ -132,8 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   progress = Progress(total_steps, "train", initial=start_step)
   pending: list[dict[str, jax.Array]] = []
-  timed_start, timed_steps = None, 0
-  step = start_step
+  # Throughput counts training steps only: not the first (compiling) step, evals or saves.
+  timed_start, timed_steps, overhead = None, 0, 0.0
   try:
     for step in range(start_step + 1, total_steps + 1):
       indices = batches.train_batch_indices(num_train, batch_size, step - 1, config.seed)
@@ -141,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
           {"image": dataset.train.images[indices], "label": dataset.train.labels[indices]}, mesh)
       state, metrics = train_step(state, batch, train_rng)
       pending.append(metrics)
-      if timed_start is None:  # Throughput excludes the first (compiling) step.
+      if timed_start is None:
         jax.block_until_ready(metrics)
         timed_start = time.perf_counter()
       else:
@@ -151,10 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         averaged = _mean_metrics(pending)
         pending = []
         _finite_or_raise(averaged, step, checkpointer)
-        rate = timed_steps * batch_size / max(time.perf_counter() - timed_start, 1e-9)
+        del averaged["params_finite"]
+        rate = timed_steps * batch_size / max(time.perf_counter() - timed_start - overhead, 1e-9)
         log.write({"step": step, "epoch": step / steps_per_epoch, **averaged,
                    "examples_per_second": rate})
         progress.update(0, loss=averaged["loss"], accuracy=averaged["accuracy"])
+      overhead_start = time.perf_counter()
       if end_of_epoch:
         val = evaluate({"params": state.params, "batch_stats": state.batch_stats},
                        dataset.val.images, dataset.val.labels)
@@ -167,17 +185,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         if pending:
           _finite_or_raise(_mean_metrics(pending[-1:]), step, checkpointer)
         checkpointer.save(step, state, meta)
+      overhead += time.perf_counter() - overhead_start
       progress.update(1)
       if step_callback is not None:
         step_callback(step, state)
   except KeyboardInterrupt:
-    if pending and all(math.isfinite(v) for v in _mean_metrics(pending[-1:]).values()):
-      checkpointer.save(step, state, meta)
-      logging.warning("Interrupted: saved step %d; rerun the same command to resume.", step)
+    _save_on_interrupt(checkpointer, state, meta)
     raise
   finally:
     progress.close()
-  train_seconds = time.perf_counter() - timed_start if timed_start else 0.0
+  train_seconds = time.perf_counter() - timed_start - overhead if timed_start else 0.0
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   split_metrics = {name: evaluate(variables, split.images, split.labels)
