@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from adcorda_jax.data import load_dataset
 from adcorda_jax.models import create_model
 from adcorda_jax.training import batches, checkpointing, optim, steps, trainer
 from configs import tiny
@@ -102,6 +103,18 @@ def test_end_to_end_run_writes_artifacts_and_is_not_retrained(tmp_path):
   calls = []
   again = trainer.train_and_evaluate(config, tmp_path, step_callback=lambda *a: calls.append(a))
   assert calls == [] and again["test_accuracy"] == results["test_accuracy"]
+
+
+def test_checkpoint_loads_by_path_without_the_runs_config(tmp_path):
+  results = trainer.train_and_evaluate(tiny.get_config(), tmp_path / "run")
+  variables, meta = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoints" / "16")
+  model = checkpointing.model_from_meta(meta)  # Rebuilt from the checkpoint alone.
+  dataset = load_dataset(tiny.get_config().data, seed=0)
+  logits, features = model.apply(variables, dataset.test.images, return_features=True)
+  chex.assert_shape(logits, (len(dataset.test), meta["num_classes"]))
+  assert features.ndim == 2 and features.shape[0] == len(dataset.test)
+  correct = int(np.sum(np.argmax(logits, -1) == dataset.test.labels))
+  assert correct == round(results["test_accuracy"] * results["test_examples"])
 
 
 def _params(workdir: Path):

@@ -20,17 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import resnet_cifar, resnet_imagenet, small_cnn  # Registers the models.
 from adcorda_jax.models.common import MODELS
 
 __all__ = ["MODELS", "create_model", "count_params"]
-
-
-def _number(value: Any, key: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise ConfigError(f"{key} must be a finite number, got {value!r}")
-  return float(value)
 
 
 def _constants(values: Sequence[float], label: str, positive: bool) -> tuple[float, ...]:
@@ -63,12 +58,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
     raise ConfigError(
         f"model.name must be one of: {', '.join(MODELS.names())}; got {name!r}")
   builder = MODELS.get(name, "model.name")
-  width = _number(model_config.get("width", 1.0), "model.width")
-  if width <= 0:
-    raise ConfigError(f"model.width must be > 0, got {width!r}")
-  dropout = _number(model_config.get("dropout", 0.0), "model.dropout")
-  if not 0 <= dropout < 1:
-    raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
+  width = config_checks.positive_float(model_config, "width", "model", default=1.0)
+  dropout = config_checks.fraction(model_config, "dropout", "model", default=0.0)
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
       or num_classes < 2:
     raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
