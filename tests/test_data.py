@@ -1,7 +1,6 @@
 """Data loading: digits, stratified deterministic splits, config errors, and augmentation."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import hypothesis
 import jax
@@ -14,35 +13,14 @@ from sklearn import datasets as sklearn_datasets
 
 from adcorda_jax.data import DATASETS, Split, load_dataset, random_crop_flip, splits
 from adcorda_jax.errors import ConfigError
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-LOCAL_NAMES = ("digits", "fashion_mnist", "image_folder", "mnist")
-
-
-def _config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({"name": "digits", "val_fraction": 0.1,
-                                      "test_fraction": 0.2, "max_train_examples": 0})
-  config.update(overrides)
-  return config
-
-
-def _one_line(error: pytest.ExceptionInfo) -> str:
-  message = str(error.value)
-  assert "\n" not in message
-  return message
-
-
-def _sorted_rows(images: np.ndarray) -> np.ndarray:
-  rows = images.reshape(len(images), -1)
-  return rows[np.lexsort(rows.T[::-1])]
-
+from tests.helpers import LOCAL_DATASETS, data_config, one_line, sorted_rows
 
 # --- digits and splitting ---------------------------------------------------------------------
 
 
 def test_digits_shapes_range_and_labels():
-  dataset = load_dataset(_config(), seed=0)
-  assert set(DATASETS.names()) == set(LOCAL_NAMES)
+  dataset = load_dataset(data_config(), seed=0)
+  assert set(DATASETS.names()) == set(LOCAL_DATASETS)
   assert dataset.name == "digits" and dataset.image_shape == (8, 8, 1)
   assert dataset.num_classes == 10 and dataset.class_names == tuple("0123456789")
   assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (1294, 144, 359)
@@ -58,7 +36,7 @@ def test_digits_shapes_range_and_labels():
 
 
 def test_splits_are_deterministic_per_seed_and_partition_the_data():
-  first, again, other = (load_dataset(_config(), seed) for seed in (3, 3, 4))
+  first, again, other = (load_dataset(data_config(), seed) for seed in (3, 3, 4))
   for name in ("train", "val", "test"):
     np.testing.assert_array_equal(getattr(first, name).images, getattr(again, name).images)
     np.testing.assert_array_equal(getattr(first, name).labels, getattr(again, name).labels)
@@ -68,11 +46,11 @@ def test_splits_are_deterministic_per_seed_and_partition_the_data():
   every = np.concatenate([first.train.images, first.val.images, first.test.images])
   original = (sklearn_datasets.load_digits().images / 16.0).astype(np.float32)[..., None]
   assert every.shape == original.shape
-  np.testing.assert_array_equal(_sorted_rows(every), _sorted_rows(original))
+  np.testing.assert_array_equal(sorted_rows(every), sorted_rows(original))
 
 
 def test_val_and_test_are_stratified_by_class():
-  dataset = load_dataset(_config(val_fraction=0.25, test_fraction=0.3), seed=1)
+  dataset = load_dataset(data_config(val_fraction=0.25, test_fraction=0.3), seed=1)
   all_labels = np.concatenate([dataset.train.labels, dataset.val.labels, dataset.test.labels])
   class_counts = np.bincount(all_labels, minlength=10)
   test_counts = np.bincount(dataset.test.labels, minlength=10)
@@ -103,9 +81,9 @@ def test_imbalanced_classes_keep_their_proportion():
 
 
 def test_max_train_examples_subsamples_deterministically():
-  small = load_dataset(_config(max_train_examples=100), seed=0)
-  again = load_dataset(_config(max_train_examples=100), seed=0)
-  full = load_dataset(_config(), seed=0)
+  small = load_dataset(data_config(max_train_examples=100), seed=0)
+  again = load_dataset(data_config(max_train_examples=100), seed=0)
+  full = load_dataset(data_config(), seed=0)
   assert len(small.train) == 100 and len(small.val) == len(full.val)
   np.testing.assert_array_equal(small.train.images, again.train.images)
   np.testing.assert_array_equal(small.val.labels, full.val.labels)  # Val unaffected.
@@ -114,7 +92,7 @@ def test_max_train_examples_subsamples_deterministically():
 
 
 def test_zero_val_fraction_gives_empty_val_split():
-  dataset = load_dataset(_config(val_fraction=0.0), seed=0)
+  dataset = load_dataset(data_config(val_fraction=0.0), seed=0)
   assert len(dataset.val) == 0 and dataset.val.images.shape == (0, 8, 8, 1)
   assert len(dataset.train) + len(dataset.test) == 1797
 
@@ -139,20 +117,20 @@ def test_missing_optional_fields_use_defaults():
     ("name", "", "data.name"),
 ])
 def test_bad_config_values_name_their_key(key, value, expected):
-  config = _config()
+  config = data_config()
   with config.ignore_type():
     config[key] = value
   with pytest.raises(ConfigError) as error:
     load_dataset(config, seed=0)
-  assert expected in _one_line(error)
+  assert expected in one_line(error)
 
 
 def test_unknown_name_lists_local_names_and_suggests():
   with pytest.raises(ConfigError) as error:
-    load_dataset(_config(name="cifar100x"), seed=0)
-  message = _one_line(error)
+    load_dataset(data_config(name="cifar100x"), seed=0)
+  message = one_line(error)
   assert "'cifar100x' (data.name)" in message and "or any TFDS builder name" in message
-  assert all(name in message for name in LOCAL_NAMES)
+  assert all(name in message for name in LOCAL_DATASETS)
   assert "did you mean 'cifar100'?" in message
 
 

@@ -5,7 +5,6 @@ import dataclasses
 import gzip
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -14,28 +13,7 @@ from PIL import Image
 from adcorda_jax.data import load_dataset
 from adcorda_jax.data import idx, tfds_source
 from adcorda_jax.errors import ConfigError, DataError
-
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-LOCAL_NAMES = ("digits", "fashion_mnist", "image_folder", "mnist")
-
-
-def _config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({"name": "digits", "val_fraction": 0.1,
-                                      "test_fraction": 0.2, "max_train_examples": 0})
-  config.update(overrides)
-  return config
-
-
-def _one_line(error: pytest.ExceptionInfo) -> str:
-  message = str(error.value)
-  assert "\n" not in message
-  return message
-
-
-def _sorted_rows(images: np.ndarray) -> np.ndarray:
-  rows = images.reshape(len(images), -1)
-  return rows[np.lexsort(rows.T[::-1])]
-
+from tests.helpers import FASHION_DIR, data_config, one_line
 
 # --- IDX files (MNIST / Fashion-MNIST) --------------------------------------------------------
 
@@ -92,7 +70,7 @@ def test_read_idx_rejects_corrupt_files_naming_the_path(tmp_path, corruption, ex
   path.write_bytes(corruption(_idx_bytes(np.zeros((2, 3, 3), np.uint8))))
   with pytest.raises(DataError) as error:
     idx.read_idx(path)
-  assert str(path) in _one_line(error) and expected in str(error.value)
+  assert str(path) in one_line(error) and expected in str(error.value)
 
 
 def test_read_idx_rejects_truncated_gzip(tmp_path):
@@ -100,12 +78,12 @@ def test_read_idx_rejects_truncated_gzip(tmp_path):
   path.write_bytes(gzip.compress(_idx_bytes(np.ones((4, 5, 5), np.uint8)))[:-10])
   with pytest.raises(DataError) as error:
     idx.read_idx(path)
-  assert str(path) in _one_line(error)
+  assert str(path) in one_line(error)
 
 
 def test_fashion_mnist_from_data_dir(tmp_path):
   arrays = _write_mnist_dir(tmp_path / "fmnist")
-  dataset = load_dataset(_config(name="fashion_mnist", data_dir=str(tmp_path / "fmnist"),
+  dataset = load_dataset(data_config(name="fashion_mnist", data_dir=str(tmp_path / "fmnist"),
                                  val_fraction=0.25), seed=0)
   assert dataset.image_shape == (6, 6, 1) and dataset.num_classes == 10
   assert dataset.class_names[:2] == ("T-shirt/top", "Trouser")
@@ -120,24 +98,24 @@ def test_fashion_mnist_from_data_dir(tmp_path):
 def test_data_dir_without_idx_files_is_named(tmp_path):
   (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
   with pytest.raises(DataError) as error:
-    load_dataset(_config(name="mnist", data_dir=str(tmp_path)), seed=0)
-  assert str(tmp_path) in _one_line(error) and "t10k-labels-idx1-ubyte" in str(error.value)
+    load_dataset(data_config(name="mnist", data_dir=str(tmp_path)), seed=0)
+  assert str(tmp_path) in one_line(error) and "t10k-labels-idx1-ubyte" in str(error.value)
 
 
 def test_mnist_from_environment_variable(tmp_path, monkeypatch):
   _write_mnist_dir(tmp_path / "mnist", gz=False)
   monkeypatch.setenv("ADCORDA_MNIST_DIR", str(tmp_path / "mnist"))
-  dataset = load_dataset(_config(name="mnist", val_fraction=0.0), seed=0)
+  dataset = load_dataset(data_config(name="mnist", val_fraction=0.0), seed=0)
   assert (len(dataset.train), len(dataset.test)) == (40, 20)
   assert dataset.class_names == tuple("0123456789")
 
 
 def test_missing_mnist_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.delenv("ADCORDA_MNIST_DIR", raising=False)
-  config = _config(name="mnist", tfds_download=False, tfds_data_dir=str(tmp_path))
+  config = data_config(name="mnist", tfds_download=False, tfds_data_dir=str(tmp_path))
   with pytest.raises(DataError) as error:
     load_dataset(config, seed=0)
-  message = _one_line(error)
+  message = one_line(error)
   assert message.startswith("mnist not found:")
   assert "data.data_dir" in message and "ADCORDA_MNIST_DIR" in message
   assert "data.tfds_download=True" in message
@@ -147,10 +125,10 @@ def test_missing_fashion_mnist_mentions_the_debian_package(tmp_path, monkeypatch
   monkeypatch.delenv("ADCORDA_FASHION_MNIST_DIR", raising=False)
   monkeypatch.setattr(idx, "FASHION_MNIST", dataclasses.replace(
       idx.FASHION_MNIST, package_dirs=(str(tmp_path / "absent"),)))
-  config = _config(name="fashion_mnist", tfds_download=False, tfds_data_dir=str(tmp_path))
+  config = data_config(name="fashion_mnist", tfds_download=False, tfds_data_dir=str(tmp_path))
   with pytest.raises(DataError) as error:
     load_dataset(config, seed=0)
-  assert "apt-get install dataset-fashion-mnist" in _one_line(error)
+  assert "apt-get install dataset-fashion-mnist" in one_line(error)
   assert "ADCORDA_FASHION_MNIST_DIR" in str(error.value)
 
 
@@ -158,7 +136,7 @@ def test_missing_fashion_mnist_mentions_the_debian_package(tmp_path, monkeypatch
                     "(apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_from_debian_package(monkeypatch):
   monkeypatch.delenv("ADCORDA_FASHION_MNIST_DIR", raising=False)
-  dataset = load_dataset(_config(name="fashion_mnist", val_fraction=0.0), seed=0)
+  dataset = load_dataset(data_config(name="fashion_mnist", val_fraction=0.0), seed=0)
   assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (60000, 0, 10000)
   assert dataset.image_shape == (28, 28, 1) and dataset.class_names[0] == "T-shirt/top"
   assert np.bincount(dataset.train.labels).tolist() == [6000] * 10
@@ -178,7 +156,7 @@ def _mock_tfds(num_examples: int):
 
 def test_tfds_cifar10_via_mock_data(tmp_path):
   with _mock_tfds(40):
-    dataset = load_dataset(_config(name="cifar10", val_fraction=0.25,
+    dataset = load_dataset(data_config(name="cifar10", val_fraction=0.25,
                                    tfds_data_dir=str(tmp_path)), seed=0)
   assert dataset.image_shape == (32, 32, 3) and dataset.num_classes == 10
   assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (30, 10, 40)
@@ -192,7 +170,7 @@ def test_tfds_cifar10_via_mock_data(tmp_path):
 
 def test_tfds_builder_config_names_resolve(tmp_path):
   with _mock_tfds(12):
-    dataset = load_dataset(_config(name="cifar10_corrupted/gaussian_noise_5", val_fraction=0.0,
+    dataset = load_dataset(data_config(name="cifar10_corrupted/gaussian_noise_5", val_fraction=0.0,
                                    tfds_data_dir=str(tmp_path)), seed=0)
   assert dataset.name == "cifar10_corrupted/gaussian_noise_5"
   assert dataset.image_shape == (32, 32, 3) and len(dataset.test) == 12
@@ -201,7 +179,7 @@ def test_tfds_builder_config_names_resolve(tmp_path):
 def test_mnist_falls_back_to_tfds_without_local_files(tmp_path, monkeypatch):
   monkeypatch.delenv("ADCORDA_MNIST_DIR", raising=False)
   with _mock_tfds(20):
-    dataset = load_dataset(_config(name="mnist", val_fraction=0.0,
+    dataset = load_dataset(data_config(name="mnist", val_fraction=0.0,
                                    tfds_data_dir=str(tmp_path)), seed=0)
   assert dataset.image_shape == (28, 28, 1) and dataset.class_names == tuple("0123456789")
   assert (len(dataset.train), len(dataset.test)) == (20, 20)
@@ -221,9 +199,9 @@ def test_tfds_split_choice(available, expected):
 
 def test_unprepared_tfds_without_download_is_a_data_error(tmp_path):
   with pytest.raises(DataError) as error:
-    load_dataset(_config(name="cifar10", tfds_download=False, tfds_data_dir=str(tmp_path)),
+    load_dataset(data_config(name="cifar10", tfds_download=False, tfds_data_dir=str(tmp_path)),
                  seed=0)
-  message = _one_line(error)
+  message = one_line(error)
   assert "'cifar10'" in message and str(tmp_path) in message
   assert "tfds build cifar10" in message and "data.tfds_download=True" in message
 
@@ -249,7 +227,7 @@ def _write_tree(root: Path, files_per_class: int = 3) -> None:
 
 def test_image_folder_reads_resizes_and_labels(tmp_path):
   _write_tree(tmp_path / "train", files_per_class=5)
-  config = _config(name="image_folder", data_dir=str(tmp_path / "train"), image_size=4,
+  config = data_config(name="image_folder", data_dir=str(tmp_path / "train"), image_size=4,
                    val_fraction=0.0, test_fraction=0.2)
   dataset = load_dataset(config, seed=0)
   assert dataset.class_names == ("cat", "dog") and dataset.image_shape == (4, 4, 3)
@@ -267,16 +245,16 @@ def test_image_folder_reads_resizes_and_labels(tmp_path):
 def test_image_folder_with_test_dir(tmp_path):
   _write_tree(tmp_path / "train")
   _write_tree(tmp_path / "test", files_per_class=2)
-  dataset = load_dataset(_config(name="image_folder", data_dir=str(tmp_path / "train"),
+  dataset = load_dataset(data_config(name="image_folder", data_dir=str(tmp_path / "train"),
                                  test_dir=str(tmp_path / "test"), image_size=6,
                                  val_fraction=0.0), seed=0)
   assert (len(dataset.train), len(dataset.test)) == (6, 4)
   assert dataset.test.labels.tolist() == [0, 0, 1, 1]  # Sorted classes, sorted files.
   _write_image(tmp_path / "test" / "bird" / "0.png", (3, 3), (0, 255, 0))
   with pytest.raises(DataError) as error:
-    load_dataset(_config(name="image_folder", data_dir=str(tmp_path / "train"),
+    load_dataset(data_config(name="image_folder", data_dir=str(tmp_path / "train"),
                          test_dir=str(tmp_path / "test")), seed=0)
-  assert str(tmp_path / "test") in _one_line(error) and "extra ['bird']" in str(error.value)
+  assert str(tmp_path / "test") in one_line(error) and "extra ['bird']" in str(error.value)
 
 
 @pytest.mark.parametrize("layout, expected", [
@@ -299,10 +277,10 @@ def test_image_folder_errors_name_the_path(tmp_path, layout, expected):
     culprit = root / "dog" / "broken.png"
     culprit.write_bytes(b"definitely not a png")
   with pytest.raises(DataError) as error:
-    load_dataset(_config(name="image_folder", data_dir=str(root)), seed=0)
-  assert str(culprit) in _one_line(error) and expected in str(error.value)
+    load_dataset(data_config(name="image_folder", data_dir=str(root)), seed=0)
+  assert str(culprit) in one_line(error) and expected in str(error.value)
 
 
 def test_image_folder_requires_data_dir():
   with pytest.raises(ConfigError, match="data.data_dir"):
-    load_dataset(_config(name="image_folder"), seed=0)
+    load_dataset(data_config(name="image_folder"), seed=0)

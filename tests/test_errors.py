@@ -11,12 +11,8 @@ from adcorda_jax import tasks
 from adcorda_jax.errors import AdcordaError, CheckpointError, ConfigError, TrainingError
 from adcorda_jax.training import checkpointing, trainer
 from configs import tiny
+from tests.helpers import one_line
 
-
-def _one_line(error: pytest.ExceptionInfo) -> str:
-  message = str(error.value)
-  assert "\n" not in message
-  return message
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -38,7 +34,7 @@ def test_bad_config_values_name_their_key(tmp_path, key, value, expected):
   (config[section] if section else config)[field] = value
   with pytest.raises(ConfigError) as error:
     tasks.run_task(config, tmp_path)
-  assert expected in _one_line(error)
+  assert expected in one_line(error)
 
 
 def test_unknown_model_lists_valid_names(tmp_path):
@@ -46,7 +42,7 @@ def test_unknown_model_lists_valid_names(tmp_path):
   config.model.name = "resnet7"
   with pytest.raises(ConfigError) as error:
     tasks.run_task(config, tmp_path)
-  assert "resnet20" in _one_line(error) and "small_cnn" in str(error.value)
+  assert "resnet20" in one_line(error) and "small_cnn" in str(error.value)
 
 
 def test_unwritable_workdir_is_named(tmp_path):
@@ -54,7 +50,7 @@ def test_unwritable_workdir_is_named(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError) as error:
     tasks.run_task(tiny.get_config(), blocker / "run")
-  assert str(blocker / "run") in _one_line(error) and "not writable" in str(error.value)
+  assert str(blocker / "run") in one_line(error) and "not writable" in str(error.value)
 
 
 def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -66,7 +62,7 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config.train.log_every_steps = 1
   with pytest.raises(TrainingError) as error:
     tasks.run_task(config, tmp_path)
-  message = _one_line(error)
+  message = one_line(error)
   assert "diverged at step" in message and "train.learning_rate" in message
   diverged_at = int(message.split("diverged at step ")[1].split()[0])
   assert not (tmp_path / "results.json").exists()
@@ -80,10 +76,10 @@ def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_missing_checkpoint_path(tmp_path):
   with pytest.raises(CheckpointError) as error:
     checkpointing.load_checkpoint(tmp_path / "nowhere")
-  assert "does not exist" in _one_line(error) and "nowhere" in str(error.value)
+  assert "does not exist" in one_line(error) and "nowhere" in str(error.value)
   with pytest.raises(CheckpointError) as error:
     checkpointing.load_checkpoint(tmp_path)  # Exists but holds no checkpoint.
-  assert "no checkpoint" in _one_line(error)
+  assert "no checkpoint" in one_line(error)
 
 
 def test_corrupt_checkpoint_is_reported_not_crashed(tmp_path):
@@ -95,7 +91,7 @@ def test_corrupt_checkpoint_is_reported_not_crashed(tmp_path):
       path.write_bytes(b"garbage")
   with pytest.raises(CheckpointError) as error:
     checkpointing.load_checkpoint(tmp_path)
-  assert "corrupt" in _one_line(error) and "16" in str(error.value)
+  assert "corrupt" in one_line(error) and "16" in str(error.value)
 
 
 def test_finished_run_is_never_overwritten_by_another_config(tmp_path):
@@ -105,7 +101,7 @@ def test_finished_run_is_never_overwritten_by_another_config(tmp_path):
   changed.train.epochs = 3
   with pytest.raises(ConfigError) as error:
     tasks.run_task(changed, tmp_path)
-  assert "train.epochs" in _one_line(error) and str(tmp_path) in str(error.value)
+  assert "train.epochs" in one_line(error) and str(tmp_path) in str(error.value)
   assert (tmp_path / "results.json").read_text() == before
   assert json.loads(before)["config"]["train"]["epochs"] == 2
 
