@@ -172,20 +172,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         log.write({"step": step, "epoch": step / steps_per_epoch, **averaged,
                    "examples_per_second": rate})
         progress.update(0, loss=averaged["loss"], accuracy=averaged["accuracy"])
-      overhead_start = time.perf_counter()
-      if end_of_epoch:
-        val = evaluate({"params": state.params, "batch_stats": state.batch_stats},
-                       dataset.val.images, dataset.val.labels)
-        if val is not None:
-          log.write({"step": step, "epoch": step // steps_per_epoch,
-                     "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
-          logging.info("epoch %d: val_accuracy=%.4f val_loss=%.4f",
-                       step // steps_per_epoch, val["accuracy"], val["loss"])
-      if step % checkpoint_every == 0 or step == total_steps:
-        if pending:
-          _finite_or_raise(_mean_metrics(pending[-1:]), step, checkpointer)
-        checkpointer.save(step, state, meta)
-      overhead += time.perf_counter() - overhead_start
+      save_now = step % checkpoint_every == 0 or step == total_steps
+      if end_of_epoch or save_now:
+        jax.block_until_ready(state)  # In-flight training steps count as training time.
+        overhead_start = time.perf_counter()
+        if end_of_epoch:
+          val = evaluate({"params": state.params, "batch_stats": state.batch_stats},
+                         dataset.val.images, dataset.val.labels)
+          if val is not None:
+            log.write({"step": step, "epoch": step // steps_per_epoch,
+                       "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+            logging.info("epoch %d: val_accuracy=%.4f val_loss=%.4f",
+                         step // steps_per_epoch, val["accuracy"], val["loss"])
+        if save_now:
+          if pending:
+            _finite_or_raise(_mean_metrics(pending[-1:]), step, checkpointer)
+          checkpointer.save(step, state, meta)
+        overhead += time.perf_counter() - overhead_start
       progress.update(1)
       if step_callback is not None:
         step_callback(step, state)
