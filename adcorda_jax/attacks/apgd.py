@@ -1,0 +1,153 @@
+"""APGD-CE (Croce & Hein 2020, Algorithm 1): step-size-free PGD with momentum and restarts.
+
+The step size starts at 2*eps and is halved at checkpoints w_j = ceil(p_j * steps), with p_0 = 0,
+p_1 = 0.22 and p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), whenever the objective rose in
+fewer than rho of the steps since the last checkpoint, or when neither the step size nor the best
+objective changed since then; the iterate then restarts from the best point found. The whole run
+is one `lax.while_loop` with the checkpoint schedule precomputed as a static array.
+
+Choices where the paper leaves room (following the authors' reference code unless noted):
+  * the start is uniform in the eps-ball (ours; the reference scales noise to the boundary);
+  * halving for "no progress" is disabled at the first checkpoint; a restart from the best point
+    also restores its gradient; checkpoint j falls after w_j updates;
+  * the oscillation test is strict (count < rho * interval, as in the paper; the reference
+    uses <=), and after a restart the next increase is judged against the best objective;
+  * an example that is misclassified stops moving (per-example early stopping, ours) and its
+    first misclassified point is returned, as the reference does; unbroken examples return
+    their highest-loss point. Without early stopping the results are identical, only slower.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adcorda_jax.attacks import norms, validation
+from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
+                                        pick_per_example)
+from adcorda_jax.attacks.pgd import as_budget, run_restarts
+
+
+def checkpoint_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Host-side schedule: (is_checkpoint [steps] bool, interval [steps] float32).
+
+  `is_checkpoint[i]` marks the iteration after which w_j updates are complete; `interval[i]` is
+  w_j - w_{j-1}, the number of updates the "fraction of increases" test looks back over.
+  """
+  fractions = [0.0, 0.22]
+  while fractions[-1] < 1.0:
+    fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+  # The epsilon keeps e.g. 0.22 * 100 = 22.000000000000004 from rounding up to 23.
+  points = sorted({math.ceil(p * steps - 1e-9) for p in fractions if p * steps - 1e-9 <= steps})
+  is_checkpoint = np.zeros(steps, bool)
+  interval = np.zeros(steps, np.float32)
+  for previous, point in zip(points, points[1:]):
+    is_checkpoint[point - 1] = True
+    interval[point - 1] = point - previous
+  return is_checkpoint, interval
+
+
+def apgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
+             start: jax.Array, frozen: jax.Array, eps: jax.Array, rho: jax.Array,
+             momentum: jax.Array, *, steps: int, norm: str,
+             early_stop: bool) -> tuple[jax.Array, jax.Array]:
+  """One APGD-CE run from `start`: (adversarial, steps until first success or `steps`)."""
+  is_checkpoint, interval = (jnp.asarray(a) for a in checkpoint_schedule(steps))
+  objective, logits, grad = objective_and_grad(logits_fn, params, start, labels, False)
+  hit = frozen | is_success(logits, labels, False)
+
+  def active(hit):
+    return ~hit if early_stop else ~frozen
+
+  def cond(state):
+    return (state["iteration"] < steps) & jnp.any(active(state["hit"]))
+
+  def body(state):
+    iteration, current, moving = state["iteration"], state["current"], active(state["hit"])
+    step = norms.per_example(state["step_size"], x)
+    weight = jnp.where(iteration == 0, 1.0, momentum)
+    target = norms.project(current + step * norms.ascent_direction(state["grad"], norm), x, eps,
+                           norm)
+    candidate = norms.project(current + weight * (target - current)
+                              + (1.0 - weight) * (current - state["previous"]), x, eps, norm)
+    new = pick_per_example(moving, candidate, current)
+    objective, logits, grad = objective_and_grad(logits_fn, params, new, labels, False)
+
+    newly = is_success(logits, labels, False) & ~state["hit"]
+    hit = state["hit"] | newly
+    increases = state["increases"] + (objective > state["objective"]).astype(jnp.int32)
+    improved = objective > state["best_objective"]
+    best, best_objective, best_grad = pick_per_example(
+        improved, (new, objective, grad),
+        (state["best"], state["best_objective"], state["best_grad"]))
+
+    at_checkpoint = is_checkpoint[iteration]
+    oscillating = increases < rho * interval[iteration]
+    stalled = ~state["reduced_last"] & (best_objective <= state["best_objective_last"])
+    reduce = at_checkpoint & (oscillating | stalled) & active(hit)
+    following, following_objective, following_grad = pick_per_example(
+        reduce, (best, best_objective, best_grad), (new, objective, grad))
+    return dict(
+        iteration=iteration + 1, current=following, previous=current, grad=following_grad,
+        objective=following_objective,
+        best=best, best_objective=best_objective, best_grad=best_grad,
+        step_size=jnp.where(reduce, state["step_size"] / 2, state["step_size"]),
+        increases=jnp.where(at_checkpoint, 0, increases),
+        reduced_last=jnp.where(at_checkpoint, reduce, state["reduced_last"]),
+        best_objective_last=jnp.where(at_checkpoint, best_objective,
+                                      state["best_objective_last"]),
+        hit=hit, first_success=jnp.where(newly, iteration + 1, state["first_success"]),
+        found=pick_per_example(newly, new, state["found"]))
+
+  batch = x.shape[:1]
+  init = dict(
+      iteration=jnp.int32(0), current=start, previous=start, grad=grad, objective=objective,
+      best=start, best_objective=objective, best_grad=grad, step_size=2.0 * eps,
+      increases=jnp.zeros(batch, jnp.int32), reduced_last=jnp.ones(batch, bool),
+      best_objective_last=objective, hit=hit, first_success=jnp.zeros(batch, jnp.int32),
+      found=start)
+  final = jax.lax.while_loop(cond, body, init)
+  adversarial = pick_per_example(final["hit"], final["found"], final["best"])
+  return adversarial, jnp.where(final["hit"], final["first_success"], steps)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "restarts",
+                                             "early_stop"))
+def _apgd_ce(logits_fn, params, x, labels, key, eps, rho, momentum, *, steps, norm, restarts,
+             early_stop):
+  x32 = x.astype(jnp.float32)
+
+  def run_once(run_key, adversarial, frozen):
+    start = pick_per_example(frozen, adversarial, norms.random_start(run_key, x32, eps, norm))
+    return apgd_run(logits_fn, params, x32, labels, start, frozen, eps, rho, momentum,
+                    steps=steps, norm=norm, early_stop=early_stop)
+
+  result = run_restarts(run_once, logits_fn, params, x32, labels, key, restarts=restarts,
+                        steps=steps, norm=norm, targeted=False)
+  return result.replace(adversarial=result.adversarial.astype(x.dtype))
+
+
+def apgd_ce(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
+            key: jax.Array, eps: float | jax.Array, steps: int, norm: str = "linf",
+            restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
+            early_stop: bool = True) -> AttackResult:
+  """Untargeted APGD on the cross-entropy of the true `labels` within the `norm` eps-ball.
+
+  Needs no step size; `rho` is the checkpoint threshold and `momentum` the paper's alpha.
+  Restarts draw new random starts (from `key`) for the examples still unbroken.
+  """
+  validation.check_attack_inputs(logits_fn, params, x, labels, eps=eps, norm=norm)
+  validation.check_positive_int(steps, "steps")
+  validation.check_positive_int(restarts, "restarts")
+  validation.check_unit_interval(rho, "rho")
+  validation.check_unit_interval(momentum, "momentum")
+  validation.check_key(key, required=True, reason=" (APGD always starts at random)")
+  return _apgd_ce(logits_fn, params, jnp.asarray(x), jnp.asarray(labels, jnp.int32), key,
+                  as_budget(eps, np.shape(x)[0]), jnp.asarray(rho, jnp.float32),
+                  jnp.asarray(momentum, jnp.float32),
+                  steps=int(steps), norm=norm, restarts=int(restarts),
+                  early_stop=bool(early_stop))

@@ -1,0 +1,166 @@
+"""FGSM and PGD (Madry et al. 2018) as single compiled programs with per-example early stopping.
+
+An attack iterates inside one `lax.while_loop` under `jax.jit`. Examples that reach their goal
+are frozen (their input no longer changes) and the loop ends once every example is done or the
+steps run out. Restarts run the loop again from new random starts for the examples that are still
+unbroken, keeping per example the first success or else the highest objective.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adcorda_jax.attacks import norms, validation
+from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
+                                        pick_per_example, score)
+
+# run_once(key, adversarial, frozen) -> (adversarial, steps_used): one attack run in which the
+# `frozen` examples keep `adversarial` (0 steps) and the others start afresh.
+RunOnce = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def as_budget(value: Any, batch_size: int) -> jax.Array:
+  """A scalar or [N] budget (eps, step size) as a float32 [N] array."""
+  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch_size,))
+
+
+def prng_key(key: jax.Array | None) -> jax.Array:
+  """`key`, or a fixed placeholder for deterministic attacks that never draw from it."""
+  return jax.random.key(0) if key is None else key
+
+
+def starting_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
+                   random: bool) -> jax.Array:
+  """A uniform random point of the eps-ball (`random`) or x itself."""
+  return norms.random_start(key, x, eps, norm) if random else x
+
+
+def run_restarts(run_once: RunOnce, logits_fn: LogitsFn, params: Any, x: jax.Array,
+                 labels: jax.Array, key: jax.Array, *, restarts: int, steps: int, norm: str,
+                 targeted: bool, frozen: jax.Array | None = None) -> AttackResult:
+  """Runs `run_once` `restarts` times and keeps the best result per example.
+
+  Examples already successful are frozen in later restarts, so the first success is kept; for
+  the others the run with the highest objective wins. `steps_used` sums over restarts. Examples
+  in the initial `frozen` mask are never attacked (they come back as x).
+  """
+  if frozen is None:
+    frozen = jnp.zeros(x.shape[:1], bool)
+
+  def attempt(index, adversarial, skip):
+    # fold_in: restart r draws the same start whatever the number of restarts.
+    candidate, used = run_once(jax.random.fold_in(key, index), adversarial, skip)
+    result, objective = score(logits_fn, params, x, candidate, labels, used, norm, targeted)
+    used = jnp.where(result.success | skip, result.steps_used, steps)
+    return result.replace(steps_used=used), objective
+
+  best, best_objective = attempt(0, x, frozen)
+
+  def next_restart(index, carry):
+    best, best_objective = carry
+    result, objective = attempt(index, best.adversarial, frozen | best.success)
+    better = ~best.success & ~frozen & (result.success | (objective > best_objective))
+    chosen, objective = pick_per_example(better, (result, objective), (best, best_objective))
+    return chosen.replace(steps_used=best.steps_used + result.steps_used), objective
+
+  best, _ = jax.lax.fori_loop(1, restarts, next_restart, (best, best_objective))
+  return best
+
+
+def pgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
+            start: jax.Array, frozen: jax.Array, eps: jax.Array, step_size: jax.Array, *,
+            steps: int, norm: str, targeted: bool,
+            early_stop: bool) -> tuple[jax.Array, jax.Array]:
+  """One PGD run from `start`: (adversarial, steps until first success or `steps`).
+
+  With `early_stop` an example stops moving once successful; without it every non-frozen example
+  takes all steps and the last iterate is returned (plain Madry et al. PGD).
+  """
+  step = norms.per_example(step_size, x)
+
+  def active(hit):
+    return ~hit if early_stop else ~frozen
+
+  def cond(state):
+    iteration, _, hit, _ = state
+    return (iteration < steps) & jnp.any(active(hit))
+
+  def body(state):
+    iteration, adversarial, hit, first_success = state
+    _, logits, grad = objective_and_grad(logits_fn, params, adversarial, labels, targeted)
+    newly = is_success(logits, labels, targeted) & ~hit
+    first_success = jnp.where(newly, iteration, first_success)
+    hit = hit | newly
+    moved = norms.project(adversarial + step * norms.ascent_direction(grad, norm), x, eps, norm)
+    adversarial = pick_per_example(active(hit), moved, adversarial)
+    return iteration + 1, adversarial, hit, first_success
+
+  init = (jnp.int32(0), start.astype(jnp.float32), frozen, jnp.zeros(x.shape[:1], jnp.int32))
+  _, adversarial, hit, first_success = jax.lax.while_loop(cond, body, init)
+  return adversarial, jnp.where(hit, first_success, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "targeted",
+                                             "random_start", "restarts", "early_stop"))
+def _pgd(logits_fn, params, x, labels, key, eps, step_size, *, steps, norm, targeted,
+         random_start, restarts, early_stop):
+  x32 = x.astype(jnp.float32)
+
+  def run_once(run_key, adversarial, frozen):
+    start = pick_per_example(frozen, adversarial,
+                             starting_point(run_key, x32, eps, norm, random_start))
+    return pgd_run(logits_fn, params, x32, labels, start, frozen, eps, step_size, steps=steps,
+                   norm=norm, targeted=targeted, early_stop=early_stop)
+
+  result = run_restarts(run_once, logits_fn, params, x32, labels, key, restarts=restarts,
+                        steps=steps, norm=norm, targeted=targeted)
+  return result.replace(adversarial=result.adversarial.astype(x.dtype))
+
+
+def pgd(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
+        key: jax.Array | None, eps: float | jax.Array, step_size: float | jax.Array, steps: int,
+        norm: str = "linf", targeted: bool = False, random_start: bool = True,
+        restarts: int = 1, early_stop: bool = True) -> AttackResult:
+  """Projected gradient descent in the `norm` ball of radius `eps` (scalar or per example [N]).
+
+  Ascends the cross-entropy of `labels` (untargeted) or descends that of the target `labels`
+  (`targeted`) for `steps` steps of size `step_size`, from a uniform random start in the ball
+  (`random_start`, needs `key`), `restarts` times. Compiled once per static configuration and
+  `logits_fn` object; params, x, eps and step size are traced.
+  """
+  validation.check_attack_inputs(logits_fn, params, x, labels, eps=eps, norm=norm)
+  batch_size = np.shape(x)[0]
+  validation.check_budget(step_size, "step_size", batch_size, allow_zero=False)
+  validation.check_positive_int(steps, "steps")
+  validation.check_positive_int(restarts, "restarts")
+  validation.check_key(key, required=random_start, reason=" when random_start=True")
+  return _pgd(logits_fn, params, jnp.asarray(x), jnp.asarray(labels, jnp.int32), prng_key(key),
+              as_budget(eps, batch_size), as_budget(step_size, batch_size), steps=int(steps),
+              norm=norm, targeted=bool(targeted), random_start=bool(random_start),
+              restarts=int(restarts), early_stop=bool(early_stop))
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted"))
+def _fgsm(logits_fn, params, x, labels, eps, *, norm, targeted):
+  x32 = x.astype(jnp.float32)
+  _, _, grad = objective_and_grad(logits_fn, params, x32, labels, targeted)
+  step = norms.per_example(eps, x32) * norms.ascent_direction(grad, norm)
+  adversarial = norms.project(x32 + step, x32, eps, norm)
+  steps_used = jnp.ones(x.shape[:1], jnp.int32)
+  result, _ = score(logits_fn, params, x32, adversarial, labels, steps_used, norm, targeted)
+  return result.replace(adversarial=adversarial.astype(x.dtype))
+
+
+def fgsm(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
+         eps: float | jax.Array, norm: str = "linf", targeted: bool = False) -> AttackResult:
+  """Fast gradient (sign) method: one steepest-ascent step of size `eps` from x, no random start.
+
+  `steps_used` is 1 for every example (the single step is taken regardless of success).
+  """
+  validation.check_attack_inputs(logits_fn, params, x, labels, eps=eps, norm=norm)
+  return _fgsm(logits_fn, params, jnp.asarray(x), jnp.asarray(labels, jnp.int32),
+               as_budget(eps, np.shape(x)[0]), norm=norm, targeted=bool(targeted))
