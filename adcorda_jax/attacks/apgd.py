@@ -18,7 +18,6 @@ Choices where the paper leaves room (following the authors' reference code unles
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import norms, validation
 from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
                                         pick_per_example)
@@ -115,7 +115,7 @@ def apgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
   return adversarial, jnp.where(final["hit"], final["first_success"], steps)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "restarts",
+@attack_jit(static_argnames=("logits_fn", "steps", "norm", "restarts",
                                              "early_stop"))
 def _apgd_ce(logits_fn, params, x, labels, key, eps, rho, momentum, *, steps, norm, restarts,
              early_stop):

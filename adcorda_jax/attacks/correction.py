@@ -6,19 +6,19 @@ target is the true label; inputs already classified correctly are returned untou
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn, pick_per_example
 from adcorda_jax.attacks.pgd import as_budget, pgd_run, prng_key, run_restarts, starting_point
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "random_start"))
+@attack_jit(static_argnames=("logits_fn", "steps", "norm", "random_start"))
 def _correct(logits_fn, params, x, labels, key, eps, step_size, *, steps, norm, random_start):
   x32 = x.astype(jnp.float32)
   already_right = jnp.argmax(logits_fn(params, x32), axis=-1) == labels

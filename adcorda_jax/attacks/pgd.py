@@ -7,13 +7,13 @@ unbroken, keeping per example the first success or else the highest objective.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import norms, validation
 from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
                                         pick_per_example, score)
@@ -104,7 +104,7 @@ def pgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
   return adversarial, jnp.where(hit, first_success, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "targeted",
+@attack_jit(static_argnames=("logits_fn", "steps", "norm", "targeted",
                                              "random_start", "restarts", "early_stop"))
 def _pgd(logits_fn, params, x, labels, key, eps, step_size, *, steps, norm, targeted,
          random_start, restarts, early_stop):
@@ -144,7 +144,7 @@ def pgd(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
               restarts=int(restarts), early_stop=bool(early_stop))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "norm", "targeted"))
+@attack_jit(static_argnames=("logits_fn", "norm", "targeted"))
 def _fgsm(logits_fn, params, x, labels, eps, *, norm, targeted):
   x32 = x.astype(jnp.float32)
   _, _, grad = objective_and_grad(logits_fn, params, x32, labels, targeted)

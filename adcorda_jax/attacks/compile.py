@@ -1,0 +1,61 @@
+"""`jax.jit` for attack programs, with per-backend XLA compiler options chosen per program.
+
+On XLA:CPU, attack programs compile with YNNPACK fusions off
+(`xla_cpu_experimental_ynn_fusion_type=""`): YNNPACK's convolution fusions run this workload
+markedly slower than XLA's own convolutions (see `task=benchmark_attack`). The option is passed to
+each attack program's compilation only; global XLA flags and every other program are untouched,
+and it is logged once. It is skipped when `XLA_FLAGS` already sets the option, and
+`ADCORDA_ATTACK_COMPILER_OPTIONS=xla_default` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Iterable
+
+import jax
+from absl import logging
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+OVERRIDE_ENV = "ADCORDA_ATTACK_COMPILER_OPTIONS"
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(backend: str) -> tuple[tuple[str, Any], ...]:
+  """The options attack programs compile with on `backend`, as a hashable tuple."""
+  if backend != "cpu" or os.environ.get(OVERRIDE_ENV, "") == "xla_default":
+    return ()
+  flags = os.environ.get("XLA_FLAGS", "")
+  options = tuple((k, v) for k, v in CPU_OPTIONS.items() if k not in flags)
+  if options:
+    logging.info("Attack programs on XLA:CPU compile with %s (per program; global XLA flags "
+                 "untouched; %s=xla_default keeps XLA's defaults).",
+                 ", ".join(f"{k}={v!r}" for k, v in options), OVERRIDE_ENV)
+  return options
+
+
+def attack_jit(*, static_argnums: int | Iterable[int] | None = None,
+               static_argnames: str | Iterable[str] | None = None) -> Callable:
+  """Decorator: `jax.jit` whose compiler options are picked for the backend at first call.
+
+  The wrapped function keeps `jax.jit`'s call, `.lower` and `.trace`; when it is called inside
+  another attack program it is inlined and the outer program's options apply.
+  """
+  def decorate(fun: Callable) -> Callable:
+    @functools.lru_cache(maxsize=None)
+    def jitted(backend: str | None):
+      options = dict(compiler_options(backend)) if backend else {}
+      return jax.jit(fun, static_argnums=static_argnums, static_argnames=static_argnames,
+                     compiler_options=options or None)
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+      # Inside another trace (vmap, an outer jit) options are the outer program's business.
+      nested = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+      return jitted(None if nested else jax.default_backend())(*args, **kwargs)
+
+    wrapper.lower = lambda *a, **k: jitted(jax.default_backend()).lower(*a, **k)
+    wrapper.trace = lambda *a, **k: jitted(jax.default_backend()).trace(*a, **k)
+    return wrapper
+
+  return decorate

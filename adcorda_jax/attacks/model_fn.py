@@ -1,0 +1,27 @@
+"""Turning a trained flax model into the `logits_fn(params, x)` every attack takes.
+
+Attacks treat the model as frozen (eval mode, running BatchNorm statistics). `attack_model`
+returns a logits function plus the pytree it takes, and is the one place where the attack-time
+model is built, so every attack and task gets the same implementation: on CPU, convolutions whose
+input gradient runs on XLA's fast path (`adcorda_jax.models.frozen`), the plain model elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from adcorda_jax.attacks.losses import LogitsFn
+from adcorda_jax.models.frozen import FastPath, frozen_logits_fn, use_fast_input_gradients
+
+
+def attack_model(model: nn.Module, variables: Any,
+                 fast_input_gradients: FastPath = "auto") -> tuple[LogitsFn, Any]:
+  """(logits_fn, attack_params) for attacking `model` with `variables` in eval mode.
+
+  `fast_input_gradients`: True, False, or 'auto' (on where measured faster: XLA:CPU). Pass
+  `attack_params` (not `variables`) as the attacks' `params` argument. The same function object
+  comes back for the same model and setting, so compiled attacks are reused.
+  """
+  fast = use_fast_input_gradients(fast_input_gradients)
+  return frozen_logits_fn(model, fast), variables
