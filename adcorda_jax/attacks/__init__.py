@@ -1,17 +1,18 @@
 """Adversarial attacks as pure, jit-compiled functions of a model-agnostic `logits_fn`.
 
-    logits_fn = lambda variables, x: model.apply(variables, x, train=False)  # define once
-    result = pgd(logits_fn, variables, images, labels, key=key, eps=8 / 255,
+    logits_fn, params = attack_model(model, variables)  # or any `logits_fn(params, x)`
+    result = pgd(logits_fn, params, images, labels, key=key, eps=8 / 255,
                  step_size=2 / 255, steps=10)
     result.adversarial, result.success, result.steps_used, result.perturbation_norm
 
+`attack_model` gives the library's fastest eval-mode model function for the backend (see
+`adcorda_jax.models.frozen`); `AttackSpec` + `attack_split` run an attack over a whole split.
 `params` (any pytree) is a traced argument, so one compilation serves every checkpoint; reuse the
 same `logits_fn` object across calls, since it is a static argument of the compiled attack.
 Images are float NHWC in [0, 1]; `eps` and `step_size` are scalars or per-example [N] arrays.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -20,12 +21,17 @@ import numpy as np
 
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.apgd import apgd_ce
+from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks.correction import correct
+from adcorda_jax.attacks.driver import SplitAttackResult, attack_split
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
+from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.norms import NORMS
 from adcorda_jax.attacks.pgd import fgsm, pgd
+from adcorda_jax.attacks.specs import AttackSpec
 
-__all__ = ["AttackResult", "NORMS", "apgd_ce", "correct", "fgsm", "pgd", "robust_accuracy_curve"]
+__all__ = ["NORMS", "AttackResult", "AttackSpec", "SplitAttackResult", "apgd_ce", "attack_model",
+           "attack_split", "correct", "fgsm", "pgd", "robust_accuracy_curve"]
 
 
 def _is_traced_argument(value: Any) -> bool:
@@ -35,7 +41,7 @@ def _is_traced_argument(value: Any) -> bool:
   return isinstance(value, (float, np.floating, np.ndarray, jax.Array))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@attack_jit(static_argnums=(0, 1, 2))
 def _curve(attack_fn, logits_fn, static_kwargs, params, x, labels, eps_grid, traced_kwargs):
   def failure_rate(eps):
     result = attack_fn(logits_fn, params, x, labels, eps=eps, **dict(static_kwargs),

@@ -7,11 +7,13 @@ from typing import Any, Callable
 import ml_collections
 
 from adcorda_jax.registry import Registry
+from adcorda_jax.tasks.robustness import run_robustness
 from adcorda_jax.training.trainer import train_and_evaluate
 
 Task = Callable[[ml_collections.ConfigDict, "str | Path"], dict[str, Any]]
 TASKS: Registry[Task] = Registry("task")
 TASKS.register("train")(train_and_evaluate)
+TASKS.register("robustness")(run_robustness)
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""Robustness results for people: eps labels, a Markdown table and an accuracy-vs-eps plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from adcorda_jax.reporting import plots
+
+# An eps within this of k/255 is shown as k/255 (config values like 8/255 are float-rounded).
+_PIXEL_TOLERANCE = 1e-9
+
+
+def pixel_levels(eps: float) -> int | None:
+  """k when eps == k/255 (a budget of k grey levels of an 8-bit image), else None."""
+  levels = round(eps * 255)
+  return levels if abs(eps * 255 - levels) <= _PIXEL_TOLERANCE * 255 else None
+
+
+def eps_key(eps: float) -> str:
+  """The JSON key of an eps: 6 significant digits, e.g. '0.0313725'."""
+  return format(float(eps), ".6g")
+
+
+def eps_label(eps: float) -> str:
+  """Human label: '8/255 (0.0314)' when eps is k/255, otherwise '0.05'; '0' for zero."""
+  if eps == 0:
+    return "0"
+  levels = pixel_levels(eps)
+  if levels is None:
+    return format(float(eps), ".4g")
+  return f"{levels}/255 ({eps:.3g})"
+
+
+def eps_dir_tag(eps: float) -> str:
+  """A file-name-safe tag: '8_255' for 8/255, else '0.05'."""
+  levels = pixel_levels(eps)
+  return f"{levels}_255" if levels is not None else eps_key(eps)
+
+
+def _percent(value: float | None) -> str:
+  return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+  return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def robustness_markdown(results: dict[str, Any]) -> str:
+  """A Markdown summary: robust accuracy with rows eps and columns attacks, then the details."""
+  attacks = results["attacks"]
+  records = results["records"]
+  # Per-example worst case over the attacks; only informative with more than one attack.
+  worst_case = results.get("worst_case_accuracy") if len(attacks) > 1 else None
+  lines = [
+      f"# Robustness: {results['model']} on {results['dataset']} ({results['split']} split)",
+      "",
+      f"Clean accuracy: **{_percent(results['clean_accuracy'])}** on "
+      f"{results['num_examples']} examples; robust accuracy under {results['norm']} attacks "
+      "(fraction still classified correctly):",
+      "",
+      "| eps | " + " | ".join(attacks) + (" | all attacks |" if worst_case else " |"),
+      "|---|" + "---:|" * (len(attacks) + bool(worst_case)),
+  ]
+  for eps in results["eps"]:
+    cells = [_percent(results["robust_accuracy"][attack].get(eps_key(eps)))
+             for attack in attacks]
+    if worst_case:
+      cells.append(_percent(worst_case.get(eps_key(eps))))
+    lines.append(f"| {eps_label(eps)} | " + " | ".join(cells) + " |")
+  if worst_case:
+    lines += ["", "*all attacks*: fraction of examples that every attack failed on."]
+  lines += [
+      "",
+      "| attack | eps | robust accuracy | success rate | mean norm of broken | mean steps | "
+      "seconds |",
+      "|---|---|---:|---:|---:|---:|---:|",
+  ]
+  for record in records:
+    lines.append(
+        f"| {record['attack']} | {eps_label(record['eps'])} | "
+        f"{_percent(record['robust_accuracy'])} | {_percent(record['success_rate'])} | "
+        f"{_number(record['mean_perturbation_norm'])} | {record['mean_steps']:.1f} | "
+        f"{record['seconds']:.1f} |")
+  lines += ["", "Attacks:"]
+  lines += [f"- `{attack}`: {description}"
+            for attack, description in results["attack_descriptions"].items()]
+  lines += [
+      "",
+      f"- Checkpoint: `{results['checkpoint']}`",
+      f"- Data: {results['data_source']}",
+      f"- {results['devices']} {results['backend']} device(s), whole run "
+      f"{results['wall_seconds']:.1f} s; per-example arrays in `attacks/*/arrays.npz`; "
+      "plot: `robustness.png`",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def plot_robustness(results: dict[str, Any], path: str | Path) -> None:
+  """Robust accuracy against eps, one line per attack, the clean accuracy dashed."""
+  eps: Sequence[float] = results["eps"]
+  in_levels = all(pixel_levels(e) is not None for e in eps)
+  xs = [e * 255 for e in eps] if in_levels else list(eps)
+  figure, axis = plots.plt.subplots(figsize=(5.5, 3.8))
+  for attack in results["attacks"]:
+    by_eps = results["robust_accuracy"][attack]
+    axis.plot(xs, [by_eps[eps_key(e)] for e in eps], "o-", label=attack)
+  axis.axhline(results["clean_accuracy"], color="grey", linestyle="--", label="clean")
+  axis.set(xlabel=f"eps ({results['norm']}{', in 1/255' if in_levels else ''})",
+           ylabel="robust accuracy", ylim=(-0.02, 1.02),
+           title=f"{results['model']} on {results['dataset']} ({results['split']})")
+  axis.grid(alpha=0.3)
+  axis.legend()
+  plots.save_figure_atomic(figure, path)

@@ -1,0 +1,234 @@
+"""`task=robustness`: clean and robust accuracy of a trained checkpoint under attacks and budgets.
+
+    python main.py --config configs/robustness.py --workdir runs/robustness \\
+        --config.robustness.checkpoint=runs/default
+
+The model is rebuilt from the checkpoint's metadata and the data from the training run's own
+`config.json` (its `data` section and `seed`), so the evaluated split is exactly the one the model
+was held out from. Each (attack, eps) pair is a resumable `attack_split` run under
+`<workdir>/attacks/<attack>_<norm>_eps<eps>/`; rerunning the same command resumes an interrupted
+run at its first unfinished batch and returns the saved results of a finished one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from adcorda_jax import config_checks, workdir as workdir_lib
+from adcorda_jax.attacks import norms
+from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
+from adcorda_jax.attacks.model_fn import attack_model
+from adcorda_jax.attacks.specs import (SECTIONS, UNTARGETED, AttackSpec, check_eps_grid,
+                                       parse_attack_names, spec_from_config)
+from adcorda_jax.data import Dataset, load_dataset
+from adcorda_jax.errors import CheckpointError, ConfigError
+from adcorda_jax.reporting import robustness_report
+from adcorda_jax.training import checkpointing, sharding
+
+_PREFIX = "robustness"
+SPLITS = ("test", "val", "train")
+ATTACKS_DIR = "attacks"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The validated `config.robustness` section."""
+  checkpoint: Path
+  split: str
+  norm: str
+  specs: tuple[AttackSpec, ...]
+  eps: tuple[float, ...]
+  batch_size: int
+  max_examples: int
+  save_adversarial: bool
+  data_dir: str
+
+
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+  """Checks `config.robustness` before anything is loaded; one-line ConfigErrors name the key."""
+  section = config.get(_PREFIX)
+  if not isinstance(section, ml_collections.ConfigDict):
+    raise ConfigError("config has no 'robustness' section; start from configs/robustness.py")
+  checkpoint = section.get("checkpoint", "")
+  if not isinstance(checkpoint, str) or not checkpoint.strip():
+    raise ConfigError(f"{_PREFIX}.checkpoint must name a training run's workdir or checkpoint "
+                      f"folder, e.g. --config.{_PREFIX}.checkpoint=runs/default, "
+                      f"got {checkpoint!r}")
+  split = config_checks.one_of(section, "split", _PREFIX, SPLITS, default="test")
+  norm = config_checks.one_of(section, "norm", _PREFIX, norms.NORMS, default="linf")
+  names = parse_attack_names(section.get("attacks", "pgd"), f"{_PREFIX}.attacks", UNTARGETED)
+  specs = tuple(spec_from_config(name, norm, section.get(SECTIONS[name]),
+                                 f"{_PREFIX}.{SECTIONS[name]}") for name in names)
+  eps = check_eps_grid(section.get("eps", ()), f"{_PREFIX}.eps")
+  keys = [robustness_report.eps_key(e) for e in eps]
+  if len(set(keys)) != len(keys):
+    raise ConfigError(f"{_PREFIX}.eps has values too close to tell apart: {section.eps!r}")
+  save_adversarial = section.get("save_adversarial", False)
+  if not isinstance(save_adversarial, bool):
+    raise ConfigError(f"{_PREFIX}.save_adversarial must be True or False, "
+                      f"got {save_adversarial!r}")
+  data_dir = section.get("data_dir", "")
+  if not isinstance(data_dir, str):
+    raise ConfigError(f"{_PREFIX}.data_dir must be a string path ('' = as trained), "
+                      f"got {data_dir!r}")
+  return Settings(
+      checkpoint=Path(checkpoint).expanduser().absolute(), split=split, norm=norm, specs=specs,
+      eps=eps, batch_size=config_checks.positive_int(section, "batch_size", _PREFIX, default=256),
+      max_examples=config_checks.positive_int(section, "max_examples", _PREFIX, default=0,
+                                              allow_zero=True),
+      save_adversarial=save_adversarial, data_dir=data_dir)
+
+
+def _training_run_dir(checkpoint: Path) -> Path | None:
+  """The training workdir holding `checkpoint` (a workdir, its checkpoints/ or a step folder)."""
+  for candidate in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+    if ((candidate / workdir_lib.CONFIG_FILE).is_file()
+        and (candidate / checkpointing.CHECKPOINT_DIR).is_dir()):
+      return candidate
+  return None
+
+
+def training_data(checkpoint: Path, meta: dict[str, Any],
+                  data_dir: str) -> tuple[ml_collections.ConfigDict, int, str]:
+  """(data config, seed, description) of the data the checkpoint was trained on."""
+  run_dir = _training_run_dir(checkpoint)
+  if run_dir is not None:
+    run_config = workdir_lib.read_json(run_dir / workdir_lib.CONFIG_FILE)
+    data, seed = dict(run_config.get("data") or {}), run_config.get("seed", 0)
+    source = f"`data` and seed {seed} from the training run's {run_dir / 'config.json'}"
+  else:
+    data, seed = {"name": meta["dataset"]}, 0
+    source = (f"{meta['dataset']} with default split fractions and seed 0 (no training "
+              "config.json found beside the checkpoint)")
+    logging.warning("No training config.json beside %s; assuming %s.", checkpoint, source)
+  if data.get("name", "digits") != meta["dataset"]:
+    raise CheckpointError(
+        f"checkpoint {str(checkpoint)!r} was trained on {meta['dataset']!r} but its run's "
+        f"config.json says data.name={data.get('name')!r}")
+  if data_dir:
+    data["data_dir"] = data_dir
+    source += f", data_dir overridden to {data_dir!r}"
+  return ml_collections.ConfigDict(data), int(seed), source
+
+
+def _check_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path) -> None:
+  if (list(dataset.image_shape) != list(meta["image_shape"])
+      or dataset.num_classes != meta["num_classes"]):
+    raise CheckpointError(
+        f"checkpoint {str(checkpoint)!r} expects {meta['num_classes']} classes of images "
+        f"{tuple(meta['image_shape'])}, but the data has {dataset.num_classes} of "
+        f"{dataset.image_shape}")
+
+
+def _record(spec: AttackSpec, result: SplitAttackResult) -> dict[str, Any]:
+  return {"attack": spec.name, "norm": spec.norm, "eps": result.eps,
+          "eps_label": robustness_report.eps_label(result.eps),
+          "robust_accuracy": result.robust_accuracy, "success_rate": result.success_rate,
+          "mean_perturbation_norm": result.mean_perturbation_norm,
+          "mean_steps": result.mean_steps, "seconds": result.seconds,
+          "resumed_batches": result.loaded_batches}
+
+
+def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
+                   batch_callback: BatchCallback | None = None) -> dict[str, Any]:
+  """Evaluates `config.robustness.checkpoint` under every configured attack and eps.
+
+  Args:
+    config: the experiment config (see configs/robustness.py).
+    workdir: run directory; an existing run there is resumed or, if finished, returned.
+    batch_callback: passed to every `attack_split` (called with each finished batch index).
+  Returns:
+    The results dict, also saved as `<workdir>/results.json` (plus report.md, robustness.png).
+  """
+  wall_start = time.perf_counter()
+  workdir = workdir_lib.prepare(workdir)
+  workdir_lib.claim(workdir, config)
+  finished = workdir_lib.finished_results(workdir)
+  if finished is not None:
+    logging.info("Run in %s already finished; returning its saved results.", workdir)
+    return finished
+  settings = read_settings(config)
+  seed = config.get("seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ConfigError(f"seed must be an integer, got {seed!r}")
+
+  variables, meta = checkpointing.load_checkpoint(settings.checkpoint)
+  model = checkpointing.model_from_meta(meta)
+  data_config, data_seed, data_source = training_data(settings.checkpoint, meta,
+                                                      settings.data_dir)
+  dataset = load_dataset(data_config, data_seed)
+  _check_matches(dataset, meta, settings.checkpoint)
+  split = getattr(dataset, settings.split)
+  count = len(split) if settings.max_examples == 0 else min(settings.max_examples, len(split))
+  if count == 0:
+    raise ConfigError(f"{_PREFIX}.split={settings.split!r} has no examples in this run's data")
+  images, labels = split.images[:count], split.labels[:count]  # The first max_examples.
+
+  mesh = sharding.make_mesh()
+  logits_fn, params = attack_model(model, variables)
+  key = jax.random.key(seed)
+  logging.info("Robustness of %s on %d %s %s examples: attacks %s, eps %s, %d device(s).",
+               meta["model"]["name"], count, dataset.name, settings.split,
+               ", ".join(s.name for s in settings.specs), settings.eps, mesh.devices.size)
+  records, clean_accuracy = [], None
+  robust_to_all: dict[str, np.ndarray] = {}  # eps key -> [N] bool, correct under every attack.
+  for spec in settings.specs:
+    for eps in settings.eps:
+      tag = robustness_report.eps_dir_tag(eps)
+      result = attack_split(
+          spec, logits_fn, params, images, labels, eps=eps, batch_size=settings.batch_size,
+          key=key, mesh=mesh, out_dir=workdir / ATTACKS_DIR / f"{spec.name}_{spec.norm}_eps{tag}",
+          save_adversarial=settings.save_adversarial,
+          description=f"{spec.name} eps={robustness_report.eps_label(eps)}",
+          batch_size_key=f"{_PREFIX}.batch_size", batch_callback=batch_callback)
+      if clean_accuracy is None:
+        clean_accuracy = result.clean_accuracy
+      records.append(_record(spec, result))
+      eps_key = robustness_report.eps_key(eps)
+      robust_to_all[eps_key] = robust_to_all.get(eps_key, result.final_correct) \
+          & result.final_correct
+      logging.info("%s eps=%s: robust accuracy %.4f (clean %.4f), %.1f s", spec.name,
+                   robustness_report.eps_label(eps), result.robust_accuracy,
+                   result.clean_accuracy, result.seconds)
+
+  robust = {spec.name: {robustness_report.eps_key(r["eps"]): r["robust_accuracy"]
+                        for r in records if r["attack"] == spec.name}
+            for spec in settings.specs}
+  results: dict[str, Any] = {
+      "status": "complete",
+      "task": config.get("task", "robustness"),
+      "checkpoint": str(settings.checkpoint),
+      "dataset": dataset.name,
+      "data_source": data_source,
+      "model": meta["model"]["name"],
+      "split": settings.split,
+      "num_examples": count,
+      "norm": settings.norm,
+      "attacks": [spec.name for spec in settings.specs],  # Config order (JSON sorts dict keys).
+      "eps": list(settings.eps),
+      "clean_accuracy": clean_accuracy,
+      "robust_accuracy": robust,
+      # Per eps, the fraction that every attack failed on (per example, as AutoAttack counts).
+      "worst_case_accuracy": {k: float(np.mean(v)) for k, v in robust_to_all.items()},
+      "records": records,
+      "attack_descriptions": {spec.name: spec.describe() for spec in settings.specs},
+      "devices": mesh.devices.size,
+      "backend": jax.default_backend(),
+      "wall_seconds": time.perf_counter() - wall_start,
+      "config": workdir_lib.config_to_dict(config),
+  }
+  if workdir_lib.is_writer():
+    robustness_report.plot_robustness(results, workdir / "robustness.png")
+    workdir_lib.write_text_atomic(workdir / "report.md",
+                                  robustness_report.robustness_markdown(results))
+  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
+  logging.info("Done: clean accuracy %.4f; results in %s", clean_accuracy,
+               workdir / workdir_lib.RESULTS_FILE)
+  return results

@@ -1,0 +1,23 @@
+"""Robustness of the Fashion-MNIST CNN on all 10,000 test images, linf eps 0..8/255.
+
+    python main.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist   # train first
+    python main.py --config configs/robustness_fashion_mnist.py \
+        --workdir runs/robustness_fashion_mnist
+
+PGD (10 steps, 2.5*eps/10, 1 restart) and APGD-CE (50 steps) at eps 0, 1, 2, 4, 8 /255.
+Expected run time: unmeasured (10 (attack, eps) runs over 10k images; APGD stops early per
+example, so the large budgets, where most images break within a few steps, are not the slowest).
+"""
+import ml_collections
+
+from configs import robustness as robustness_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = robustness_lib.get_config()
+  config.robustness.checkpoint = "runs/fashion_mnist"
+  config.robustness.max_examples = 0   # All 10,000 test images.
+  config.robustness.batch_size = 500
+  config.robustness.pgd.steps = 10
+  config.robustness.apgd.steps = 50
+  return config
