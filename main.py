@@ -5,11 +5,10 @@ Any config field can be overridden, e.g. `--config.train.epochs=3`. All logic li
 """
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adcorda_jax import log_filters, tasks
+from adcorda_jax import log_filters, runtime, tasks
 from adcorda_jax.errors import AdcordaError
 
 FLAGS = flags.FLAGS
@@ -25,10 +24,7 @@ def main(argv):
   log_filters.quiet_library_logs()
   config = FLAGS.config
   try:
-    if config.get("distributed", False):
-      jax.distributed.initialize()
-    logging.info("JAX %s, backend %s, %d process(es), devices: %s", jax.__version__,
-                 jax.default_backend(), jax.process_count(), jax.devices())
+    runtime.setup_jax(config)
     tasks.run_task(config, FLAGS.workdir)
   except AdcordaError as e:
     logging.error("%s", e)

@@ -21,7 +21,8 @@ from adcorda_jax.errors import CheckpointError, ConfigError
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 # Fields that may change between a run and its resumption without invalidating artifacts.
-RESUMABLE_KEYS = frozenset({"train.log_every_steps", "train.max_checkpoints", "distributed"})
+RESUMABLE_KEYS = frozenset({"train.log_every_steps", "train.max_checkpoints", "distributed",
+                            "cpu_devices"})
 
 
 def is_writer() -> bool:

@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = "train"          # What main.py runs; see adcorda_jax.tasks.TASKS.
   config.seed = 0                # Seeds splits, shuffling, initialization and augmentation.
   config.distributed = False     # Call jax.distributed.initialize() (multi-host TPU/GPU).
+  config.cpu_devices = 0     # >0: run the CPU as that many JAX devices (attacks: ~15% faster at 2).
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"        # digits, mnist, fashion_mnist, image_folder, or a TFDS name.

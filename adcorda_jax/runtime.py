@@ -1,0 +1,27 @@
+"""Process-level JAX set-up from the config, done once before any device is touched."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from absl import logging
+
+from adcorda_jax import config_checks
+
+
+def setup_jax(config: ml_collections.ConfigDict) -> None:
+  """Applies `config.cpu_devices` and `config.distributed`, then logs the devices.
+
+  `cpu_devices` > 0 splits the host CPU into that many JAX devices (`jax_num_cpu_devices`, this
+  process only). Attacks then run data-parallel over them, which keeps both cores of a small
+  machine busier than one device does (see `task=benchmark_attack`); 0 leaves JAX's default.
+  """
+  cpu_devices = config_checks.positive_int(config, "cpu_devices", "config", default=0,
+                                           allow_zero=True)
+  if cpu_devices:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    logging.info("config.cpu_devices=%d: the CPU backend runs as %d JAX devices "
+                 "(jax_num_cpu_devices, this process only).", cpu_devices, cpu_devices)
+  if config.get("distributed", False):
+    jax.distributed.initialize()
+  logging.info("JAX %s, backend %s, %d process(es), devices: %s", jax.__version__,
+               jax.default_backend(), jax.process_count(), jax.devices())
