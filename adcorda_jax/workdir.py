@@ -11,10 +11,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import jax
 import ml_collections
+from absl import logging
 
 from adcorda_jax.errors import CheckpointError, ConfigError
 
@@ -42,21 +43,31 @@ def prepare(workdir: str | os.PathLike) -> Path:
   return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and an atomic rename."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[Any]], Any],
+                 mode: str = "w") -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it over `path`.
+
+  Readers see the old file or the complete new one, never a partial write; only the writer
+  process (process 0) writes.
+  """
   if not is_writer():
     return
   path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, mode) as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and an atomic rename."""
+  write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -113,6 +124,17 @@ def claim(workdir: Path, config: ml_collections.ConfigDict) -> None:
           f"workdir {str(workdir)!r} holds a run with a different config (differs at: {shown}); "
           "use a new --workdir or restore the original values")
   write_json_atomic(config_path, current)
+
+
+def start_run(workdir: str | os.PathLike,
+              config: ml_collections.ConfigDict) -> tuple[Path, dict[str, Any] | None]:
+  """Prepares and claims `workdir` for `config`: (workdir, saved results if it already finished)."""
+  path = prepare(workdir)
+  claim(path, config)
+  finished = finished_results(path)
+  if finished is not None:
+    logging.info("Run in %s already finished; returning its saved results.", path)
+  return path, finished
 
 
 def finished_results(workdir: Path) -> dict[str, Any] | None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -159,18 +157,7 @@ def _padded(images: np.ndarray, labels: np.ndarray, start: int,
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
   """Writes an .npz through a temporary file in the same folder and an atomic rename."""
-  if not workdir_lib.is_writer():
-    return
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  workdir_lib.write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:

@@ -9,8 +9,9 @@ forward convolutions with explicitly materialized (tiny) kernels:
 
 * stride 1: one convolution of the output gradient with the flipped, in/out-swapped kernel;
 * stride s > 1: the s*s output phases of the transposed convolution as ONE stride-1 convolution
-  whose output channels are stacked phases, then a depth-to-space reshuffle (no input dilation,
-  so no multiplications by inserted zeros);
+  whose output channels are stacked phases, then a depth-to-space reshuffle. Autodiff's form
+  dilates the input, so 3/4 of its multiplications (stride 2) are by inserted zeros; the stacked
+  kernel has only a few zero taps (16 slots for the 9 taps of a 3x3 stride-2 kernel);
 * few input channels (an RGB or gray image, the gradient the attack asks for): computed for 8
   zero-padded channels and sliced, because a convolution with 1-3 output channels wastes most
   of each SIMD register (measured 1.4x faster for ResNet-20's 3-channel stem).

@@ -148,11 +148,8 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
     The results dict, also saved as `<workdir>/results.json` (plus report.md, robustness.png).
   """
   wall_start = time.perf_counter()
-  workdir = workdir_lib.prepare(workdir)
-  workdir_lib.claim(workdir, config)
-  finished = workdir_lib.finished_results(workdir)
+  workdir, finished = workdir_lib.start_run(workdir, config)
   if finished is not None:
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
     return finished
   settings = read_settings(config)
   seed = config.get("seed", 0)

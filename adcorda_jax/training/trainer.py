@@ -92,11 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     The results dict, also saved as `<workdir>/results.json`.
   """
   wall_start = time.perf_counter()
-  workdir = workdir_lib.prepare(workdir)
-  workdir_lib.claim(workdir, config)
-  finished = workdir_lib.finished_results(workdir)
+  workdir, finished = workdir_lib.start_run(workdir, config)
   if finished is not None:
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
     return finished
   train_config = config.train
   _validate(train_config)
