@@ -7,6 +7,7 @@ from typing import Any, Callable
 import ml_collections
 
 from adcorda_jax.registry import Registry
+from adcorda_jax.tasks.adcorda import run_adcorda
 from adcorda_jax.tasks.benchmark_attack import run_benchmark_attack
 from adcorda_jax.tasks.robustness import run_robustness
 from adcorda_jax.training.trainer import train_and_evaluate
@@ -16,6 +17,7 @@ TASKS: Registry[Task] = Registry("task")
 TASKS.register("train")(train_and_evaluate)
 TASKS.register("robustness")(run_robustness)
 TASKS.register("benchmark_attack")(run_benchmark_attack)
+TASKS.register("adcorda")(run_adcorda)
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

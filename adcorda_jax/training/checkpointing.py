@@ -89,6 +89,18 @@ def _resolve(path: str | Path) -> tuple[Path, int | None]:
       "step folder inside it")
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+  """The step `load_checkpoint(path)` would load (a step folder's, else the latest), or None."""
+  directory, step = _resolve(path)
+  if step is not None:
+    return step
+  checkpointer = Checkpointer(directory)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
   """Loads `{'params', 'batch_stats'}` and the model metadata from another run's checkpoint.
 

@@ -1,0 +1,280 @@
+"""AdCorDA stage 2: fine-tune a trained classifier on a source set, aligned to a target set.
+
+One jitted step computes cross-entropy on a labelled source batch plus
+`lambda_ * alignment(source_features, target_features)` on the penultimate features of a source
+and an (unlabelled) target batch; with alignment "none" the target pass is skipped. The loop is
+restore-or-initialize like the trainer: batch `step` of either stream is a pure function of
+(seed, stream, step) (`training.batches`), so an interrupted run resumes from its latest orbax
+checkpoint onto exactly the trajectory an uninterrupted run follows.
+
+BatchNorm (`adapt.batch_norm`): "train" runs both passes in train mode (batch statistics) and
+updates the running statistics from the source batches only; "frozen" runs the model in eval mode
+(running statistics, no dropout), so only the parameters move.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from adcorda_jax import config_checks
+from adcorda_jax.adcorda.alignment import AlignmentLoss, alignment_loss
+from adcorda_jax.errors import ConfigError, TrainingError
+from adcorda_jax.progress import Progress
+from adcorda_jax.reporting import metrics_log
+from adcorda_jax.training import (
+  batches,
+  checkpointing,
+  optim,
+  sharding,
+  steps,
+  trainable,
+)
+
+PREFIX = "adapt"
+BATCH_NORM_MODES = ("train", "frozen")
+SOURCE_STREAM, TARGET_STREAM = 1, 2  # Independent batch orders drawn from one seed.
+
+StepCallback = Callable[[int, steps.TrainState], None]
+Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptSettings:
+  """The validated `config.adapt` section (the optimizer fields stay in `optimizer`)."""
+  epochs: int
+  batch_size: int
+  alignment: str
+  lambda_: float
+  trainable: str
+  batch_norm: str
+  log_every_steps: int
+  checkpoint_every_steps: int
+  max_checkpoints: int
+  optimizer: ml_collections.ConfigDict
+
+
+def read_adapt_settings(config: ml_collections.ConfigDict) -> AdaptSettings:
+  """Checks `config.adapt`; one-line ConfigErrors name `adapt.<key>`."""
+  section = config.get(PREFIX)
+  if not isinstance(section, ml_collections.ConfigDict):
+    raise ConfigError("config has no 'adapt' section; start from configs/adcorda_digits.py")
+  # make_optimizer/make_schedule name `train.*` in their errors: check the same fields here first.
+  config_checks.positive_float(section, "learning_rate", PREFIX)
+  config_checks.one_of(section, "optimizer", PREFIX, optim.OPTIMIZERS, default="sgd")
+  config_checks.one_of(section, "schedule", PREFIX, optim.SCHEDULES, default="cosine")
+  config_checks.positive_float(section, "warmup_epochs", PREFIX, default=0.0, allow_zero=True)
+  config_checks.positive_float(section, "weight_decay", PREFIX, default=0.0, allow_zero=True)
+  config_checks.fraction(section, "momentum", PREFIX, default=0.9)
+  config_checks.positive_float(section, "step_decay", PREFIX, default=0.1)
+  boundaries = section.get("step_boundaries", (0.5, 0.75))
+  if not isinstance(boundaries, (tuple, list)) or any(
+      isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1
+      for b in boundaries):
+    raise ConfigError(f"{PREFIX}.step_boundaries must be fractions of training in (0, 1), "
+                      f"got {boundaries!r}")
+  lambda_ = config_checks.positive_float(section, "lambda_", PREFIX, allow_zero=True)
+  name = section.get("alignment", "coral")
+  alignment_loss(name)  # Raises a ConfigError naming adapt.alignment.
+  pattern = section.get("trainable", "")
+  if not isinstance(pattern, str):
+    raise ConfigError(f"{PREFIX}.trainable must be a regular expression string, got {pattern!r}")
+  try:
+    re.compile(pattern)  # Whether it matches any parameter is checked once params exist.
+  except re.error as e:
+    raise ConfigError(f"{PREFIX}.trainable={pattern!r} is not a valid regular expression: "
+                      f"{e}") from None
+  return AdaptSettings(
+      epochs=config_checks.positive_int(section, "epochs", PREFIX),
+      batch_size=config_checks.positive_int(section, "batch_size", PREFIX),
+      alignment=name, lambda_=lambda_, trainable=pattern,
+      batch_norm=config_checks.one_of(section, "batch_norm", PREFIX, BATCH_NORM_MODES,
+                                      default="train"),
+      log_every_steps=config_checks.positive_int(section, "log_every_steps", PREFIX, default=50),
+      checkpoint_every_steps=config_checks.positive_int(
+          section, "checkpoint_every_steps", PREFIX, default=0, allow_zero=True),
+      max_checkpoints=config_checks.positive_int(section, "max_checkpoints", PREFIX, default=2),
+      optimizer=section)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+  """A 32-bit seed for batch stream `stream` of run `seed` (independent orders per stream)."""
+  return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
+
+
+def adapt_step(state: steps.TrainState, source: steps.Batch, target: steps.Batch | None,
+               rng: jax.Array, *, num_classes: int, alignment: AlignmentLoss, lambda_: float,
+               train_batch_norm: bool,
+               learning_rate_fn: optax.Schedule | None = None
+               ) -> tuple[steps.TrainState, steps.Metrics]:
+  """One step on CE(source) + lambda_ * alignment(source features, target features).
+
+  `target` is None for cross-entropy-only fine-tuning (no target forward pass).
+  """
+  source_rng, target_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+
+  def forward(params, images, dropout_rng):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if train_batch_norm:
+      (logits, features), updates = state.apply_fn(
+          variables, images, train=True, return_features=True, mutable=["batch_stats"],
+          rngs={"dropout": dropout_rng})
+      return logits, features, updates["batch_stats"]
+    logits, features = state.apply_fn(variables, images, train=False, return_features=True)
+    return logits, features, state.batch_stats
+
+  def loss_fn(params):
+    logits, source_features, batch_stats = forward(params, source["image"], source_rng)
+    ce = steps.cross_entropy(logits, source["label"], num_classes).mean()
+    if target is None:
+      align = jnp.zeros((), jnp.float32)
+    else:
+      _, target_features, _ = forward(params, target["image"], target_rng)  # Stats discarded.
+      align = alignment(source_features, target_features)
+    return ce + lambda_ * align, (logits, batch_stats, ce, align)
+
+  (loss, (logits, batch_stats, ce, align)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  metrics = {"loss": loss, "cross_entropy": ce, "alignment": align,
+             "accuracy": jnp.mean(jnp.argmax(logits, -1) == source["label"]),
+             "grad_norm": optax.tree.norm(grads)}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics["params_finite"] = jnp.all(jnp.stack(
+      [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_state.params)])
+  ).astype(jnp.float32)
+  return new_state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneResult:
+  """The fine-tuned variables and how the run went."""
+  variables: dict[str, Any]
+  steps: int
+  resumed_from_step: int
+  final_metrics: dict[str, float]
+
+
+def _check_finite(metrics: dict[str, float], step: int, directory: Path) -> None:
+  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
+    return
+  raise TrainingError(f"fine-tuning in {str(directory)!r} diverged at step {step} "
+                      f"(loss={metrics.get('loss')}); lower {PREFIX}.learning_rate or "
+                      f"{PREFIX}.lambda_")
+
+
+def _mean(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+class Finetuner:
+  """Fine-tuning runs sharing one compiled step: one per (settings, budget, with/without target).
+
+  Build it once and call `run` per seed: the optimizer and step function are the same objects, so
+  the step compiles once for all seeds (and for all CE-only variants).
+  """
+
+  def __init__(self, model: nn.Module, params: Any, settings: AdaptSettings, *, total_steps: int,
+               steps_per_epoch: int, num_classes: int, with_target: bool):
+    self.model, self.settings = model, settings
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self.with_target = with_target
+    self.mesh = sharding.make_mesh()
+    sharding.check_divisible(settings.batch_size, f"{PREFIX}.batch_size", self.mesh)
+    self.schedule = optim.make_schedule(settings.optimizer, total_steps, steps_per_epoch)
+    self.tx = trainable.masked_optimizer(optim.make_optimizer(settings.optimizer, self.schedule),
+                                         params, settings.trainable)
+    self.step_fn = jax.jit(
+        functools.partial(adapt_step, num_classes=num_classes,
+                          alignment=alignment_loss(settings.alignment if with_target else "none"),
+                          lambda_=settings.lambda_ if with_target else 0.0,
+                          train_batch_norm=settings.batch_norm == "train",
+                          learning_rate_fn=self.schedule),
+        donate_argnums=0)
+
+  def run(self, variables: dict[str, Any], source: Arrays, target: Arrays | None, *, seed: int,
+          directory: str | Path, meta: dict[str, Any], description: str = "adapt",
+          step_callback: StepCallback | None = None) -> FinetuneResult:
+    """Fine-tunes `variables`, checkpointing in `<directory>/checkpoints`; resumes or loads.
+
+    Args:
+      variables: the starting {'params', 'batch_stats'}.
+      source: labelled (images, labels); batch order from `stream_seed(seed, SOURCE_STREAM)`.
+      target: (images, labels) whose labels are never used (with_target), else None.
+      seed: batch orders (source and target streams) and dropout.
+      directory: this run's folder; a finished run there is loaded, an interrupted one resumed.
+      meta: saved with each checkpoint (`trainer.model_meta` plus what identifies the run).
+      step_callback: `step_callback(step, state)` after each step (tests).
+    """
+    if (target is not None) != self.with_target:
+      raise ValueError(f"this Finetuner was built with with_target={self.with_target}")
+    settings, mesh, total_steps = self.settings, self.mesh, self.total_steps
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    replicated = sharding.replicated(mesh)
+    variables = jax.device_get(variables)  # Host copies: the step donates (deletes) its input.
+    state = jax.device_put(steps.TrainState.create(
+        apply_fn=self.model.apply, params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}), tx=self.tx), replicated)
+    checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
+                                              settings.max_checkpoints)
+    if checkpointer.latest_step() is not None:
+      state, _ = checkpointer.restore(state)
+    start_step = int(state.step)
+    log = metrics_log.MetricsLog(directory / "metrics.jsonl")
+    log.truncate_after(start_step)
+    if start_step < total_steps:
+      logging.info("%s: %d steps (%d done) on %d source / %s target examples.", description,
+                   total_steps, start_step, len(source[1]),
+                   len(target[1]) if target is not None else "no")
+    rng = jax.device_put(jax.random.key(seed), replicated)
+    source_seed = stream_seed(seed, SOURCE_STREAM)
+    target_seed = stream_seed(seed, TARGET_STREAM)
+    batch_size = settings.batch_size
+    checkpoint_every = settings.checkpoint_every_steps or self.steps_per_epoch
+
+    def batch(arrays: Arrays, step: int, stream: int) -> dict[str, jax.Array]:
+      indices = batches.train_batch_indices(len(arrays[1]), batch_size, step, stream)
+      return sharding.put_batch({"image": arrays[0][indices], "label": arrays[1][indices]}, mesh)
+
+    progress = Progress(total_steps, description, initial=start_step)
+    pending: list[dict[str, jax.Array]] = []
+    last: dict[str, float] = {}
+    try:
+      for step in range(start_step + 1, total_steps + 1):
+        target_batch = batch(target, step - 1, target_seed) if target is not None else None
+        state, metrics = self.step_fn(state, batch(source, step - 1, source_seed), target_batch,
+                                      rng)
+        pending.append(metrics)
+        save_now = step % checkpoint_every == 0 or step == total_steps
+        if step % settings.log_every_steps == 0 or save_now:
+          last = _mean(pending)
+          pending = []
+          _check_finite(last, step, directory)
+          del last["params_finite"]
+          log.write({"step": step, "epoch": step / self.steps_per_epoch, **last})
+          progress.update(0, loss=last["loss"], accuracy=last["accuracy"])
+        if save_now:
+          checkpointer.save(step, state, meta)
+        progress.update(1)
+        if step_callback is not None:
+          step_callback(step, state)
+    finally:
+      progress.close()
+      checkpointer.close()
+    return FinetuneResult(
+        variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}),
+        steps=total_steps, resumed_from_step=start_step, final_metrics=last)
