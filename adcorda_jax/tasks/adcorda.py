@@ -40,7 +40,7 @@ from adcorda_jax.attacks.specs import AttackSpec
 from adcorda_jax.data import Dataset, load_dataset
 from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.reporting import adcorda_report
-from adcorda_jax.tasks.robustness import training_data
+from adcorda_jax.tasks.robustness import check_data_matches, training_data
 from adcorda_jax.training import batches, checkpointing, evaluation, sharding, trainer
 
 VARIANTS = ("baseline", "corrected_ce", "same_budget_finetune", "adcorda")
@@ -68,15 +68,6 @@ def _baseline(config: ml_collections.ConfigDict, settings: stages.Settings, work
   trainer.train_and_evaluate(train_config, directory)
   return directory, {"adcorda.baseline_checkpoint": "",
                      **stages.config_fingerprint(train_config, ("seed", "data", "model", "train"))}
-
-
-def _check_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path) -> None:
-  if (list(dataset.image_shape) != list(meta["image_shape"])
-      or dataset.num_classes != meta["num_classes"]):
-    raise CheckpointError(
-        f"checkpoint {str(checkpoint)!r} expects {meta['num_classes']} classes of images "
-        f"{tuple(meta['image_shape'])}, but its data has {dataset.num_classes} of "
-        f"{dataset.image_shape}")
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -238,7 +229,7 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
   model = checkpointing.model_from_meta(meta)
   data_config, data_seed, data_source = training_data(checkpoint, meta, "")
   dataset = load_dataset(data_config, data_seed)
-  _check_matches(dataset, meta, checkpoint)
+  check_data_matches(dataset, meta, checkpoint)
   base_fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)
   mesh = sharding.make_mesh()
   predict = make_predictor(model, settings.eval_batch_size, mesh)

@@ -118,7 +118,8 @@ def training_data(checkpoint: Path, meta: dict[str, Any],
   return ml_collections.ConfigDict(data), int(seed), source
 
 
-def _check_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path) -> None:
+def check_data_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path) -> None:
+  """The loaded data must have the checkpoint's image shape and class count."""
   if (list(dataset.image_shape) != list(meta["image_shape"])
       or dataset.num_classes != meta["num_classes"]):
     raise CheckpointError(
@@ -161,7 +162,7 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
   data_config, data_seed, data_source = training_data(settings.checkpoint, meta,
                                                       settings.data_dir)
   dataset = load_dataset(data_config, data_seed)
-  _check_matches(dataset, meta, settings.checkpoint)
+  check_data_matches(dataset, meta, settings.checkpoint)
   split = getattr(dataset, settings.split)
   count = len(split) if settings.max_examples == 0 else min(settings.max_examples, len(split))
   if count == 0:
