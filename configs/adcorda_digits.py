@@ -20,11 +20,11 @@ and override a few fields (configs/adcorda_fashion_mnist.py, adcorda_cifar10_res
 """
 import ml_collections
 
-from configs import default as default_lib
+from configs import train_digits as base_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_lib.get_config()
+  config = base_lib.get_config()
   config.task = "adcorda"
   # Baseline (stage 0), trained in <workdir>/baseline with `data`, `model`, `train`.
   config.model.width = 0.5

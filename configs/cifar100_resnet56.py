@@ -7,11 +7,11 @@ ResNet-56 results on CIFAR-100 with this kind of recipe are around 70-72% test a
 """
 import ml_collections
 
-from configs import default as default_lib
+from configs import train_digits as base_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_lib.get_config()
+  config = base_lib.get_config()
   config.data.name = "cifar100"
   config.data.val_fraction = 0.1
   config.data.augment = True

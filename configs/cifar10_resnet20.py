@@ -9,11 +9,11 @@ config has not yet been run to completion here.
 """
 import ml_collections
 
-from configs import default as default_lib
+from configs import train_digits as base_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_lib.get_config()
+  config = base_lib.get_config()
   config.data.name = "cifar10"
   config.data.val_fraction = 0.1
   config.data.augment = True          # Pad-4 random crop + horizontal flip.

@@ -8,11 +8,11 @@ data comes from TFDS, which needs internet once). ResNet-20 instead: `--config.m
 """
 import ml_collections
 
-from configs import default as default_lib
+from configs import train_digits as base_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_lib.get_config()
+  config = base_lib.get_config()
   config.data.name = "fashion_mnist"
   config.data.val_fraction = 1 / 12   # 5,000 validation images, 55,000 for training.
   config.model.name = "small_cnn"

@@ -1,13 +1,13 @@
 """Robustness of a trained checkpoint: clean and robust accuracy under PGD and APGD-CE per eps.
 
-    python main.py --config configs/default.py --workdir runs/default        # train first
+    python main.py --config configs/train_digits.py --workdir runs/train_digits  # train first
     python main.py --config configs/robustness.py --workdir runs/robustness \
-        --config.robustness.checkpoint=runs/default
+        --config.robustness.checkpoint=runs/train_digits
 
 The checkpoint may be a training workdir, its `checkpoints/` folder or one step folder. The data
 (dataset, split fractions, seed) is taken from that training run's config.json, so the evaluated
 split is the one the model never trained on. Measured: ~18 s wall on 2 (shared) CPU cores for all
-359 digits test images against a configs/tiny.py checkpoint; the default (wider) model's run is
+359 digits test images against a configs/tiny.py checkpoint; configs/train_digits.py's (wider) model is
 unmeasured. Results: results.json, report.md, robustness.png and per-example arrays under
 attacks/<attack>_<norm>_eps<eps>/arrays.npz.
 """
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cpu_devices = 0     # >0: run the CPU as that many JAX devices (attacks: ~15% faster at 2).
 
   robustness = config.robustness = ml_collections.ConfigDict()
-  robustness.checkpoint = "runs/default"  # Training workdir, its checkpoints/ or a step folder.
+  robustness.checkpoint = "runs/train_digits"  # A training workdir, checkpoints/ or step folder.
   robustness.split = "test"       # test, val or train, as carved by the training run.
   robustness.max_examples = 0     # Attack the first N examples of the split; 0 = all.
   robustness.attacks = "pgd,apgd_ce"  # Comma-separated: fgsm, pgd, apgd_ce.

@@ -4,11 +4,11 @@
 """
 import ml_collections
 
-from configs import default as default_lib
+from configs import train_digits as base_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_lib.get_config()
+  config = base_lib.get_config()
   config.data.max_train_examples = 256
   config.model.width = 0.5
   config.train.epochs = 2

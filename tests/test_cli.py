@@ -32,3 +32,11 @@ def test_cli_bad_name_is_one_line_error(tmp_path):
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: unknown model 'vgg' (model.name); valid names:")
   assert "Traceback" not in out.stderr
+
+
+def test_default_config_is_the_adcorda_pipeline_on_embedded_digits():
+  """The README's first command runs configs/default.py: AdCorDA on offline digits."""
+  from configs import adcorda_digits, default
+  config = default.get_config()
+  assert config.task == "adcorda" and config.data.name == "digits"
+  assert config.to_dict() == adcorda_digits.get_config().to_dict()
