@@ -188,8 +188,12 @@ class Finetuner:
   """
 
   def __init__(self, model: nn.Module, params: Any, settings: AdaptSettings, *, total_steps: int,
-               steps_per_epoch: int, num_classes: int, with_target: bool):
+               steps_per_epoch: int, num_classes: int, with_target: bool,
+               apply_fn: Callable[..., Any] | None = None):
+    """`apply_fn` (default `model.apply`) is what the step differentiates, e.g. a fake-quantized
+    apply for quantization-aware fine-tuning."""
     self.model, self.settings = model, settings
+    self.apply_fn = apply_fn if apply_fn is not None else model.apply
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.with_target = with_target
     self.mesh = sharding.make_mesh()
@@ -227,7 +231,7 @@ class Finetuner:
     replicated = sharding.replicated(mesh)
     variables = jax.device_get(variables)  # Host copies: the step donates (deletes) its input.
     state = jax.device_put(steps.TrainState.create(
-        apply_fn=self.model.apply, params=variables["params"],
+        apply_fn=self.apply_fn, params=variables["params"],
         batch_stats=variables.get("batch_stats", {}), tx=self.tx), replicated)
     checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
                                               settings.max_checkpoints)

@@ -36,7 +36,9 @@ from adcorda_jax.attacks.specs import (
   spec_from_config,
 )
 from adcorda_jax.errors import CheckpointError, ConfigError
+from adcorda_jax.quant.deploy import Quantization, float_model_config, quantization_from_config
 from adcorda_jax.reporting.robustness_report import eps_key
+from adcorda_jax.training import trainer
 
 STAGE_FILE = "stage.json"
 DONE_FILE = "done.json"
@@ -60,6 +62,7 @@ class Settings:
   eval_eps: tuple[float, ...]
   eval_batch_size: int
   max_examples: int
+  quant: Quantization | None
 
 
 def _section(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -91,14 +94,7 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
   correct_eps = check_eps(correct.get("eps", None), "correct.eps")
   if correct_eps == 0:
     raise ConfigError("correct.eps must be > 0 (the correction budget), got 0")
-  evaluate = _section(config, "evaluate")
-  eval_norm = config_checks.one_of(evaluate, "norm", "evaluate", norms.NORMS, default="linf")
-  names = parse_attack_names(evaluate.get("attacks", "pgd,apgd_ce"), "evaluate.attacks",
-                             UNTARGETED)
-  eval_eps = check_eps_grid(evaluate.get("eps", ()), "evaluate.eps")
-  keys = [eps_key(e) for e in eval_eps]
-  if len(set(keys)) != len(keys):
-    raise ConfigError(f"evaluate.eps has values too close to tell apart: {evaluate.eps!r}")
+  evaluation = read_evaluation(config)
   return Settings(
       baseline_checkpoint=Path(checkpoint).expanduser().absolute() if checkpoint.strip() else None,
       seeds=_seeds(section.get("seeds", (0,))),
@@ -110,20 +106,85 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
       correct_batch_size=config_checks.positive_int(correct, "batch_size", "correct",
                                                     default=256),
       adapt=finetune.read_adapt_settings(config),
-      eval_specs=tuple(spec_from_config(name, eval_norm, evaluate.get(SECTIONS[name]),
-                                        f"evaluate.{SECTIONS[name]}") for name in names),
-      eval_eps=eval_eps,
-      eval_batch_size=config_checks.positive_int(evaluate, "batch_size", "evaluate", default=256),
+      eval_specs=evaluation.specs, eval_eps=evaluation.eps,
+      eval_batch_size=evaluation.batch_size, max_examples=evaluation.max_examples,
+      quant=_weight_quantization(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The validated `evaluate` section: robust accuracy of each model under these attacks."""
+  specs: tuple[AttackSpec, ...]
+  eps: tuple[float, ...]
+  batch_size: int
+  max_examples: int
+
+
+def read_evaluation(config: ml_collections.ConfigDict) -> Evaluation:
+  """Checks `config.evaluate`; one-line ConfigErrors name `evaluate.<key>`."""
+  evaluate = _section(config, "evaluate")
+  norm = config_checks.one_of(evaluate, "norm", "evaluate", norms.NORMS, default="linf")
+  names = parse_attack_names(evaluate.get("attacks", "pgd,apgd_ce"), "evaluate.attacks",
+                             UNTARGETED)
+  eps = check_eps_grid(evaluate.get("eps", ()), "evaluate.eps")
+  keys = [eps_key(e) for e in eps]
+  if len(set(keys)) != len(keys):
+    raise ConfigError(f"evaluate.eps has values too close to tell apart: {evaluate.eps!r}")
+  return Evaluation(
+      specs=tuple(spec_from_config(name, norm, evaluate.get(SECTIONS[name]),
+                                   f"evaluate.{SECTIONS[name]}") for name in names),
+      eps=eps,
+      batch_size=config_checks.positive_int(evaluate, "batch_size", "evaluate", default=256),
       max_examples=config_checks.positive_int(evaluate, "max_examples", "evaluate", default=0,
                                               allow_zero=True))
 
 
+def _weight_quantization(config: ml_collections.ConfigDict) -> Quantization | None:
+  """`model.quant` for AdCorDA: weights only, BatchNorm kept (fine-tuning trains it)."""
+  quant = quantization_from_config(config.get("model"))
+  if quant is not None and quant.activation_spec is not None:
+    raise ConfigError("model.quant.activation_bits is not supported by task=adcorda (weights "
+                      "are quantized, activations stay float); set it to 0, or use "
+                      "task=quantize for activation quantization")
+  if quant is not None and quant.fold_batch_norm:
+    raise ConfigError("model.quant.fold_batch_norm=True is not supported by task=adcorda "
+                      "(fine-tuning updates BatchNorm); set it to False")
+  return quant
+
+
 def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The `task=train` config of the baseline trained in `<workdir>/baseline`."""
+  """The `task=train` config of the baseline trained in `<workdir>/baseline`.
+
+  The baseline is always the float network: `model.quant` says how later stages quantize it.
+  """
   plain = config.to_dict()
+  if isinstance(plain.get("model"), dict):
+    plain["model"] = float_model_config(plain["model"])
   return ml_collections.ConfigDict(
       {"task": "train", **{k: plain[k] for k in ("seed", "distributed", "cpu_devices", "data",
                                                  "model", "train") if k in plain}})
+
+
+def ensure_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, key: str,
+                    workdir: Path) -> tuple[Path, dict[str, Any]]:
+  """(checkpoint path, fingerprint) of the baseline: `checkpoint` (config key `key`) if given,
+  else the float model trained (or resumed, or loaded) in `<workdir>/baseline`."""
+  if checkpoint is not None:
+    return checkpoint, {key: str(checkpoint)}
+  directory = workdir / "baseline"
+  train_config = baseline_config(config)
+  recorded = directory / workdir_lib.CONFIG_FILE
+  if recorded.exists():
+    changed = workdir_lib.config_differences(workdir_lib.read_json(recorded),
+                                             workdir_lib.config_to_dict(train_config))
+    if changed:
+      raise CheckpointError(
+          f"stage 'baseline' in {str(directory)!r} was made with a different config (differs "
+          f"at: {shown(changed)}); restore those values, or delete that folder (and the "
+          "later stages' folders) to redo it, or use a new --workdir")
+  trainer.train_and_evaluate(train_config, directory)
+  return directory, {key: "", **config_fingerprint(train_config,
+                                                   ("seed", "data", "model", "train"))}
 
 
 def config_fingerprint(config: ml_collections.ConfigDict, sections: Iterable[str]

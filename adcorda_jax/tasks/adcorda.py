@@ -16,18 +16,22 @@ Stages, each in its own folder of the workdir with a fingerprint (`adcorda.stage
 4. `evaluate/<variant>/seed<k>/`: clean train/val/test accuracy and robust test accuracy under
    `evaluate.attacks` at `evaluate.eps`.
 
+With `model.quant.weight_bits` > 0 (issue: AdCorDA on weight-quantized networks) the baseline is
+the post-training-quantized network (`quant.deploy`), stage 2 attacks it, and every fine-tuning
+runs with fake-quantized kernels in the loop (straight-through gradients to float weights), so
+`same_budget_finetune` is the QAT control; results also list the variants under quantization
+names (`ptq_w4_per_channel`, `qat_w4`, `adcorda_w4`) with model sizes.
+
 The same command on the same workdir skips finished stages and resumes an interrupted one; a
 config change that invalidates a stage is a one-line CheckpointError naming the keys.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -37,57 +41,23 @@ from adcorda_jax.adcorda import correction_set, finetune, stages
 from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import AttackSpec
-from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.errors import CheckpointError, ConfigError
+from adcorda_jax.data import load_dataset
+from adcorda_jax.errors import ConfigError
+from adcorda_jax.quant.deploy import Quantization
+from adcorda_jax.quant.export import model_size_bytes
 from adcorda_jax.reporting import adcorda_report
+from adcorda_jax.tasks import model_evaluation
 from adcorda_jax.tasks.robustness import check_data_matches, training_data
-from adcorda_jax.training import batches, checkpointing, evaluation, sharding, trainer
+from adcorda_jax.training import batches, checkpointing, sharding
 
 VARIANTS = ("baseline", "corrected_ce", "same_budget_finetune", "adcorda")
 FINETUNED = VARIANTS[1:]
 AdaptCallback = Callable[[str, int, int], None]  # (variant, seed, step)
 
 
-def _baseline(config: ml_collections.ConfigDict, settings: stages.Settings, workdir: Path
-              ) -> tuple[Path, dict[str, Any]]:
-  """(checkpoint path, fingerprint) of the baseline, training it first if needed."""
-  if settings.baseline_checkpoint is not None:
-    return settings.baseline_checkpoint, {"adcorda.baseline_checkpoint":
-                                          str(settings.baseline_checkpoint)}
-  directory = workdir / "baseline"
-  train_config = stages.baseline_config(config)
-  recorded = directory / workdir_lib.CONFIG_FILE
-  if recorded.exists():
-    changed = workdir_lib.config_differences(workdir_lib.read_json(recorded),
-                                             workdir_lib.config_to_dict(train_config))
-    if changed:
-      raise CheckpointError(
-          f"stage 'baseline' in {str(directory)!r} was made with a different config (differs "
-          f"at: {stages.shown(changed)}); restore those values, or delete that folder (and the "
-          "later stages' folders) to redo it, or use a new --workdir")
-  trainer.train_and_evaluate(train_config, directory)
-  return directory, {"adcorda.baseline_checkpoint": "",
-                     **stages.config_fingerprint(train_config, ("seed", "data", "model", "train"))}
-
-
 def _checkpoint_step(path: Path) -> int:
   step = checkpointing.checkpoint_step(path)
   return int(step if step is not None else -1)
-
-
-def make_predictor(model: Any, batch_size: int, mesh: jax.sharding.Mesh
-                   ) -> Callable[[Any, np.ndarray], np.ndarray]:
-  """`predict(variables, images) -> int32 [N]` argmax predictions in padded, sharded batches."""
-  apply = jax.jit(lambda variables, images: jnp.argmax(model.apply(variables, images), -1))
-
-  def predict(variables: Any, images: np.ndarray) -> np.ndarray:
-    variables = sharding.replicate(variables, mesh)
-    dummy = np.zeros(len(images), np.int32)
-    chunks = [evaluation.to_host(apply(variables, sharding.put_batch(batch, mesh)["image"]))
-              for batch in batches.padded_batches(images, dummy, batch_size)]
-    return np.concatenate(chunks)[:len(images)].astype(np.int32) if chunks else dummy
-
-  return predict
 
 
 def _empty_correction(spec: AttackSpec, eps: float, images: np.ndarray) -> SplitAttackResult:
@@ -127,78 +97,6 @@ def _correct_stage(directory: Path, settings: stages.Settings, fingerprint: dict
   return corrected
 
 
-def _std(values: list[float]) -> float:
-  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-  """Mean and sample std (ddof=1; 0 for one run) over seeds of one variant's evaluations."""
-  summary: dict[str, Any] = {"runs": len(runs)}
-  for key in ("test_accuracy", "train_accuracy", "val_accuracy", "misclassified_fixed"):
-    values = [run[key] for run in runs if run.get(key) is not None]
-    summary[key] = float(np.mean(values)) if values else None
-    summary[f"{key}_std"] = _std(values) if values else None
-  robust, robust_std = {}, {}
-  for attack, by_eps in runs[0]["robust_accuracy"].items():
-    robust[attack] = {e: float(np.mean([r["robust_accuracy"][attack][e] for r in runs]))
-                      for e in by_eps}
-    robust_std[attack] = {e: _std([r["robust_accuracy"][attack][e] for r in runs])
-                          for e in by_eps}
-  summary["robust_accuracy"], summary["robust_accuracy_std"] = robust, robust_std
-  summary["per_seed"] = runs
-  return summary
-
-
-@dataclasses.dataclass
-class _Evaluator:
-  """Evaluates one model: clean accuracies and robust test accuracy, resumably per folder."""
-  settings: stages.Settings
-  dataset: Dataset
-  model: Any
-  misclassified: np.ndarray
-  predict: Callable[[Any, np.ndarray], np.ndarray]
-  key: jax.Array
-  mesh: jax.sharding.Mesh
-
-  def __call__(self, variables: Any, directory: Path, fingerprint: dict[str, Any],
-               label: str) -> dict[str, Any]:
-    fingerprint = {**fingerprint, "evaluate.params_sha1": stages.tree_digest(variables)}
-    stages.claim(directory, "evaluate", fingerprint)
-    done = stages.load_done(directory)
-    if done is not None:
-      return done
-    data, settings = self.dataset, self.settings
-    outputs: dict[str, Any] = {"label": label}
-    train_prediction = None
-    for name in ("train", "val", "test"):
-      split = getattr(data, name)
-      prediction = self.predict(variables, split.images) if len(split) else None
-      outputs[f"{name}_accuracy"] = (float(np.mean(prediction == split.labels))
-                                     if prediction is not None else None)
-      train_prediction = prediction if name == "train" else train_prediction
-    rows = self.misclassified  # The baseline's training errors: how many does this model fix?
-    outputs["misclassified_fixed"] = (
-        float(np.mean(train_prediction[rows] == data.train.labels[rows])) if len(rows) else None)
-    count = len(data.test) if settings.max_examples == 0 else min(settings.max_examples,
-                                                                 len(data.test))
-    images, labels = data.test.images[:count], data.test.labels[:count]
-    logits_fn, params = attack_model(self.model, variables)
-    robust: dict[str, dict[str, float]] = {}
-    for spec in settings.eval_specs:
-      for eps in settings.eval_eps:
-        result = attack_split(
-            spec, logits_fn, params, images, labels, eps=eps, batch_size=settings.eval_batch_size,
-            key=self.key, mesh=self.mesh,
-            out_dir=directory / f"{spec.name}_{spec.norm}_eps{adcorda_report.eps_dir_tag(eps)}",
-            description=f"{label} {spec.name} eps={adcorda_report.eps_label(eps)}",
-            batch_size_key="evaluate.batch_size")
-        robust.setdefault(spec.name, {})[adcorda_report.eps_key(eps)] = result.robust_accuracy
-    outputs["robust_accuracy"] = robust
-    outputs["robust_examples"] = count
-    stages.mark_done(directory, outputs)
-    return outputs
-
-
 def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
                 correct_batch_callback: BatchCallback | None = None,
                 adapt_step_callback: AdaptCallback | None = None) -> dict[str, Any]:
@@ -224,7 +122,8 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
     raise ConfigError(f"seed must be an integer, got {seed!r}")
 
   # --- Stage 1: baseline. ---
-  checkpoint, base_fingerprint = _baseline(config, settings, workdir)
+  checkpoint, base_fingerprint = stages.ensure_baseline(
+      config, settings.baseline_checkpoint, "adcorda.baseline_checkpoint", workdir)
   variables, meta = checkpointing.load_checkpoint(checkpoint)
   model = checkpointing.model_from_meta(meta)
   data_config, data_seed, data_source = training_data(checkpoint, meta, "")
@@ -232,12 +131,20 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
   check_data_matches(dataset, meta, checkpoint)
   base_fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)
   mesh = sharding.make_mesh()
-  predict = make_predictor(model, settings.eval_batch_size, mesh)
+  predict = model_evaluation.make_predictor(model.apply, settings.eval_batch_size, mesh)
   train_images, train_labels = dataset.train.images, dataset.train.labels
-  base_prediction = predict(variables, train_images)
+  # With model.quant the baseline is the post-training-quantized network: correction attacks it
+  # and fine-tuning runs with fake quantization in the loop (straight-through to float weights).
+  quant = settings.quant
+  deployed = quant.ptq_variables(variables) if quant else variables
+  quant_fingerprint = quant.fingerprint() if quant else {}
+  if quant:
+    logging.info("Quantized AdCorDA: %s kernels (%s, %s calibration).", quant.tag,
+                 "per channel" if quant.spec.per_channel else "per tensor", quant.calibration)
+  base_prediction = predict(deployed, train_images)
 
   # --- Stage 2: the corrected training set. ---
-  correct_fingerprint = {**base_fingerprint, "seed": seed,
+  correct_fingerprint = {**base_fingerprint, **quant_fingerprint, "seed": seed,
                          **stages.config_fingerprint(config, ("correct",))}
   # The in-workdir baseline is named relative to the workdir, so a moved workdir still resumes.
   provenance = correction_set.correction_provenance(
@@ -246,10 +153,12 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       spec=settings.correct_spec, eps=settings.correct_eps, on_failure=settings.on_failure,
       images=train_images, labels=train_labels)
   provenance["params_sha1"] = base_fingerprint["baseline.params_sha1"]
-  logits_fn, _ = attack_model(model, variables)
+  if quant:
+    provenance["quantization"] = quant_fingerprint
+  logits_fn, _ = attack_model(model, deployed)
   key = jax.random.key(seed)
   corrected = _correct_stage(
-      workdir / "correct", settings, correct_fingerprint, provenance, logits_fn, variables,
+      workdir / "correct", settings, correct_fingerprint, provenance, logits_fn, deployed,
       train_images, train_labels, base_prediction, jax.random.fold_in(key, 1), mesh,
       correct_batch_callback)
   stats = corrected.stats
@@ -265,7 +174,8 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
                            {"images": corrected.images, "labels": corrected.labels}),
                        **stages.config_fingerprint(config, ("adapt",))}
   common = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                num_classes=dataset.num_classes)
+                num_classes=dataset.num_classes,
+                apply_fn=quant.qat_apply_fn(model) if quant else None)
   ce_only = finetune.Finetuner(model, variables["params"], adapt, with_target=False, **common)
   aligned = finetune.Finetuner(model, variables["params"], adapt, with_target=True, **common)
   original, fixed = (train_images, train_labels), (corrected.images, corrected.labels)
@@ -285,16 +195,18 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       result = runner.run(variables, source, target, seed=run_seed, directory=directory,
                           meta={**meta, "variant": variant, "seed": run_seed},
                           description=f"{variant} seed {run_seed}", step_callback=callback)
-      refined[(variant, run_seed)] = result.variables
+      refined[(variant, run_seed)] = (quant.qat_variables(result.variables) if quant
+                                      else result.variables)
 
   # --- Stage 4: evaluation. ---
   evaluate_keys = stages.config_fingerprint(config, ("evaluate",))
-  evaluator = _Evaluator(settings, dataset, model,
-                         correction_set.misclassified_indices(base_prediction, train_labels),
-                         predict, jax.random.fold_in(key, 2), mesh)
-  evaluations = {"baseline": [evaluator(variables, workdir / "evaluate" / "baseline",
-                                        {**base_fingerprint, "seed": seed, **evaluate_keys},
-                                        "baseline")]}
+  evaluator = model_evaluation.Evaluator(
+      dataset, model, predict, settings.eval_specs, settings.eval_eps, settings.eval_batch_size,
+      settings.max_examples, jax.random.fold_in(key, 2), mesh,
+      misclassified=correction_set.misclassified_indices(base_prediction, train_labels))
+  evaluations = {"baseline": [evaluator(
+      deployed, workdir / "evaluate" / "baseline",
+      {**base_fingerprint, **quant_fingerprint, "seed": seed, **evaluate_keys}, "baseline")]}
   for variant in FINETUNED:
     evaluations[variant] = [
         {"seed": run_seed, **evaluator(
@@ -303,8 +215,12 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
              **evaluate_keys}, f"{variant} seed {run_seed}")}
         for run_seed in settings.seeds]
 
-  count = len(dataset.test) if settings.max_examples == 0 else min(settings.max_examples,
-                                                                   len(dataset.test))
+  count = evaluator.robust_examples
+  summaries = {name: model_evaluation.aggregate(runs) for name, runs in evaluations.items()}
+  size_bytes = (quant.size_bytes(variables["params"]) if quant
+                else model_size_bytes(variables["params"]))
+  for summary in summaries.values():
+    summary["size_bytes"] = size_bytes
   results: dict[str, Any] = {
       "status": "complete",
       "task": config.get("task", "adcorda"),
@@ -316,7 +232,7 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       "num_test": len(dataset.test),
       "seeds": list(settings.seeds),
       "variant_order": list(VARIANTS),
-      "variants": {name: aggregate(runs) for name, runs in evaluations.items()},
+      "variants": summaries,
       "correction": {**stats, "attack": settings.correct_spec.describe()},
       "adapt": {"steps": total_steps, "steps_per_epoch": steps_per_epoch,
                 "alignment": adapt.alignment, "lambda_": adapt.lambda_,
@@ -325,6 +241,7 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
                    "attack_descriptions": {s.name: s.describe() for s in settings.eval_specs},
                    "norm": settings.eval_specs[0].norm, "eps": list(settings.eval_eps),
                    "robust_examples": count},
+      "quantization": _quantization_summary(quant, variables["params"], summaries),
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
@@ -343,6 +260,26 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
   logging.info("Done: %s; results in %s", adcorda_report.summary_line(results),
                workdir / workdir_lib.RESULTS_FILE)
   return results
+
+
+def _quantization_summary(quant: Quantization | None, params: Any,
+                          summaries: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+  """The quantized run's settings and its variants under quantization names (`adcorda_w4`...)."""
+  if quant is None:
+    return None
+  spec = quant.spec
+  granularity = "per_channel" if spec.per_channel else "per_tensor"
+  names = {"baseline": f"ptq_{quant.tag}_{granularity}", "same_budget_finetune": f"qat_{quant.tag}",
+           "corrected_ce": f"corrected_ce_{quant.tag}", "adcorda": f"adcorda_{quant.tag}"}
+  return {
+      "weight_bits": spec.bits, "per_channel": spec.per_channel, "symmetric": spec.symmetric,
+      "calibration": quant.calibration, "float_size_bytes": model_size_bytes(params),
+      "size_bytes": quant.size_bytes(params),
+      "variants": {names[name]: {"same_as": name, "test_accuracy": summary["test_accuracy"],
+                                 "test_accuracy_std": summary["test_accuracy_std"],
+                                 "size_bytes": summary["size_bytes"]}
+                   for name, summary in summaries.items()},
+  }
 
 
 def _corrected_rows(corrected: correction_set.CorrectedSet, original_rows: np.ndarray

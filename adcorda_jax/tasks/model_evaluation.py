@@ -1,0 +1,136 @@
+"""Evaluating refined or compressed models side by side: clean and robust accuracy, resumably.
+
+Shared by `task=adcorda` and `task=quantize`: each evaluation lives in its own folder with a
+fingerprint (`adcorda.stages.claim`) that includes a digest of the evaluated parameters, and is
+loaded instead of recomputed once finished; robust accuracy streams through the resumable attack
+driver.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adcorda_jax.adcorda import stages
+from adcorda_jax.attacks.driver import attack_split
+from adcorda_jax.attacks.model_fn import attack_model
+from adcorda_jax.attacks.specs import AttackSpec
+from adcorda_jax.data import Dataset
+from adcorda_jax.reporting import adcorda_report
+from adcorda_jax.training import batches, evaluation, sharding
+
+Predictor = Callable[[Any, np.ndarray], np.ndarray]
+# (variables) -> (logits_fn(params, x), params): the network an attack differentiates.
+AttackModelFn = Callable[[Any], tuple[Callable[..., jax.Array], Any]]
+
+
+def make_predictor(apply_fn: Callable[..., jax.Array], batch_size: int, mesh: jax.sharding.Mesh
+                   ) -> Predictor:
+  """`predict(variables, images) -> int32 [N]` argmax of `apply_fn` in padded, sharded batches.
+
+  `apply_fn(variables, images)` is `model.apply` or anything with its signature (e.g. a
+  quantized apply).
+  """
+  apply = jax.jit(lambda variables, images: jnp.argmax(apply_fn(variables, images), -1))
+
+  def predict(variables: Any, images: np.ndarray) -> np.ndarray:
+    variables = sharding.replicate(variables, mesh)
+    dummy = np.zeros(len(images), np.int32)
+    chunks = [evaluation.to_host(apply(variables, sharding.put_batch(batch, mesh)["image"]))
+              for batch in batches.padded_batches(images, dummy, batch_size)]
+    return np.concatenate(chunks)[:len(images)].astype(np.int32) if chunks else dummy
+
+  return predict
+
+
+def _std(values: list[float]) -> float:
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean and sample std (ddof=1; 0 for one run) over seeds of one variant's evaluations."""
+  summary: dict[str, Any] = {"runs": len(runs)}
+  for key in ("test_accuracy", "train_accuracy", "val_accuracy", "misclassified_fixed"):
+    values = [run[key] for run in runs if run.get(key) is not None]
+    summary[key] = float(np.mean(values)) if values else None
+    summary[f"{key}_std"] = _std(values) if values else None
+  robust, robust_std = {}, {}
+  for attack, by_eps in runs[0]["robust_accuracy"].items():
+    robust[attack] = {e: float(np.mean([r["robust_accuracy"][attack][e] for r in runs]))
+                      for e in by_eps}
+    robust_std[attack] = {e: _std([r["robust_accuracy"][attack][e] for r in runs])
+                          for e in by_eps}
+  summary["robust_accuracy"], summary["robust_accuracy_std"] = robust, robust_std
+  summary["per_seed"] = runs
+  return summary
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Evaluates one model: clean accuracies and robust test accuracy, resumably per folder.
+
+  `misclassified` are training rows whose later fix rate is reported (`misclassified_fixed`);
+  `attack_model_fn` defaults to the library's fastest attack path for `model`.
+  """
+  dataset: Dataset
+  model: Any
+  predict: Predictor
+  attack_specs: Sequence[AttackSpec]
+  eps: Sequence[float]
+  batch_size: int
+  max_examples: int
+  key: jax.Array
+  mesh: jax.sharding.Mesh
+  misclassified: np.ndarray | None = None
+  attack_model_fn: AttackModelFn | None = None
+
+  @property
+  def robust_examples(self) -> int:
+    count = len(self.dataset.test)
+    return count if self.max_examples == 0 else min(self.max_examples, count)
+
+  def __call__(self, variables: Any, directory: Path, fingerprint: dict[str, Any],
+               label: str) -> dict[str, Any]:
+    fingerprint = {**fingerprint, "evaluate.params_sha1": stages.tree_digest(variables)}
+    stages.claim(directory, "evaluate", fingerprint)
+    done = stages.load_done(directory)
+    if done is not None:
+      return done
+    data = self.dataset
+    outputs: dict[str, Any] = {"label": label}
+    train_prediction = None
+    for name in ("train", "val", "test"):
+      split = getattr(data, name)
+      prediction = self.predict(variables, split.images) if len(split) else None
+      outputs[f"{name}_accuracy"] = (float(np.mean(prediction == split.labels))
+                                     if prediction is not None else None)
+      train_prediction = prediction if name == "train" else train_prediction
+    rows = self.misclassified
+    if rows is not None:  # The baseline's training errors: how many does this model fix?
+      outputs["misclassified_fixed"] = (
+          float(np.mean(train_prediction[rows] == data.train.labels[rows])) if len(rows)
+          else None)
+    count = self.robust_examples
+    images, labels = data.test.images[:count], data.test.labels[:count]
+    if self.attack_model_fn is not None:
+      logits_fn, params = self.attack_model_fn(variables)
+    else:
+      logits_fn, params = attack_model(self.model, variables)
+    robust: dict[str, dict[str, float]] = {}
+    for spec in self.attack_specs:
+      for eps in self.eps:
+        result = attack_split(
+            spec, logits_fn, params, images, labels, eps=eps, batch_size=self.batch_size,
+            key=self.key, mesh=self.mesh,
+            out_dir=directory / f"{spec.name}_{spec.norm}_eps{adcorda_report.eps_dir_tag(eps)}",
+            description=f"{label} {spec.name} eps={adcorda_report.eps_label(eps)}",
+            batch_size_key="evaluate.batch_size")
+        robust.setdefault(spec.name, {})[adcorda_report.eps_key(eps)] = result.robust_accuracy
+    outputs["robust_accuracy"] = robust
+    outputs["robust_examples"] = count
+    stages.mark_done(directory, outputs)
+    return outputs
