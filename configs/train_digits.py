@@ -32,6 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.name = "small_cnn"    # See adcorda_jax.models.MODELS.
   config.model.width = 1.0           # Channel multiplier.
   config.model.dropout = 0.0         # small_cnn head dropout.
+  # Weight quantization, used by task=quantize and task=adcorda (the trained baseline stays float).
+  config.model.quant = ml_collections.ConfigDict()
+  config.model.quant.weight_bits = 0           # 2..8; 0 = float weights.
+  config.model.quant.per_channel = True        # One scale per output channel (else per tensor).
+  config.model.quant.symmetric = True          # Signed grid, zero point 0 (else asymmetric).
+  config.model.quant.activation_bits = 0       # 2..16 quantizes every conv/dense input (quantize).
+  config.model.quant.calibration = "mse"       # minmax, percentile or mse (weight grids).
+  config.model.quant.fold_batch_norm = False   # Fold BN into convs before calibrating (quantize).
+  config.model.quant.attack_gradient = "ste"   # ste or bpda (float-model gradients) for attacks.
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 30

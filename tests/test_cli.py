@@ -1,11 +1,14 @@
 """The command line: one run end to end, overrides, and one-line errors instead of tracebacks."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,27 @@ def test_default_config_is_the_adcorda_pipeline_on_embedded_digits():
   config = default.get_config()
   assert config.task == "adcorda" and config.data.name == "digits"
   assert config.to_dict() == adcorda_digits.get_config().to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.py")
+                                        if p.name != "__init__.py"))
+def test_every_config_builds_and_its_sections_validate(path):
+  """Each shipped config (with its documented arguments) passes the checks its task runs first."""
+  from adcorda_jax import tasks
+  from adcorda_jax.adcorda import stages
+  from adcorda_jax.models import create_model
+  from adcorda_jax.tasks import quantize
+  module = importlib.import_module(f"configs.{path[:-3]}")
+  arguments = ("8", "4", "2") if path == "adcorda_fashion_mnist_quant.py" else (None,)
+  for argument in arguments:
+    config = module.get_config() if argument is None else module.get_config(argument)
+    assert config.task in tasks.TASKS.names()
+    if config.task in ("train", "adcorda", "quantize"):
+      create_model(config.model, 10, (0.5,), (0.25,))
+    if config.task == "adcorda":
+      settings = stages.read_settings(config)
+      assert (settings.quant is not None) == (argument is not None)
+      assert argument is None or settings.quant.spec.bits == int(argument)
+    if config.task == "quantize":
+      quantize.read_quantize_settings(config)
+      stages.read_evaluation(config)

@@ -389,7 +389,7 @@ def test_unknown_calibration_method_is_a_one_line_error():
   spec = QuantSpec(8, True, True)
   with pytest.raises(ConfigError) as error:
     calibrate_weights(variables["params"], spec, "kl")
-  assert "quantize.calibration" in one_line(error) and "'kl'" in one_line(error)
+  assert "model.quant.calibration" in one_line(error) and "'kl'" in one_line(error)
   with pytest.raises(ConfigError) as error:
     calibrate_activations(_setup()[0], variables, [images], spec, "entropy")
-  assert "quantize.calibration" in one_line(error)
+  assert "model.quant.calibration" in one_line(error)

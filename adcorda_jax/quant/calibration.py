@@ -1,6 +1,6 @@
 """Post-training calibration: the quantization grid of every kernel and every layer input.
 
-Methods (config key `quantize.calibration`):
+Methods (config key `model.quant.calibration`):
 
 * `minmax`: the full range of the tensor; nothing is clipped, outliers stretch the grid.
 * `percentile`: the p-th percentile of |x| (symmetric) or the (100 - p)-th / p-th percentiles of x

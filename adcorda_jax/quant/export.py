@@ -12,7 +12,9 @@ accuracy of the exported model. `model_size_bytes` counts exactly what the expor
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -21,6 +23,7 @@ import numpy as np
 
 from adcorda_jax.quant.fake_quant import (QuantSpec, ScaleZeroPoint, compute_scale, dequantize,
                                           is_kernel, path_string, quant_range, quantize)
+from adcorda_jax.workdir import write_atomic
 
 FLOAT_BYTES = 4
 # Up to this many bits the codes are bit-packed; above it they take one byte each.
@@ -137,3 +140,44 @@ def model_size_bytes(params: Any, spec: QuantSpec | None = None) -> int:
     grids = shape[-1] if spec.per_channel else 1
     total += _kernel_bytes(size, spec.bits) + FLOAT_BYTES * grids * (1 if spec.symmetric else 2)
   return total
+
+
+_META_KEY = "__meta__"
+
+
+def save_exported(path: str | os.PathLike, exported: Mapping[str, Any]) -> None:
+  """Writes an `export_integer_weights` dict to one .npz file, atomically.
+
+  Arrays keep their integer dtypes (`kernels/<path>/values`, `.../scale`, `.../zero_point`,
+  `floats/<path>`); bit width, grid kind and kernel shapes go in a JSON `__meta__` entry.
+  """
+  arrays: dict[str, np.ndarray] = {}
+  shapes = {}
+  for key, entry in exported["kernels"].items():
+    shapes[key] = list(entry["shape"])
+    for field in ("values", "scale", "zero_point"):
+      if field in entry:
+        arrays[f"kernels/{key}/{field}"] = np.asarray(entry[field])
+  for key, value in exported["floats"].items():
+    arrays[f"floats/{key}"] = np.asarray(value)
+  meta = {"bits": exported["bits"], "per_channel": exported["per_channel"],
+          "symmetric": exported["symmetric"], "shapes": shapes}
+  arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
+
+
+def load_exported(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a `save_exported` file back into the dict `import_integer_weights` takes."""
+  with np.load(path) as data:
+    meta = json.loads(data[_META_KEY].tobytes().decode())
+    kernels: dict[str, dict[str, Any]] = {
+        key: {"shape": tuple(shape)} for key, shape in meta["shapes"].items()}
+    floats = {}
+    for name in data.files:
+      if name.startswith("kernels/"):
+        key, field = name[len("kernels/"):].rsplit("/", 1)
+        kernels[key][field] = data[name]
+      elif name.startswith("floats/"):
+        floats[name[len("floats/"):]] = data[name]
+  return {"bits": meta["bits"], "per_channel": meta["per_channel"],
+          "symmetric": meta["symmetric"], "kernels": kernels, "floats": floats}

@@ -25,7 +25,7 @@ import numpy as np
 
 from adcorda_jax.errors import ConfigError
 
-CALIBRATION_KEY = "quantize.calibration"
+CALIBRATION_KEY = "model.quant.calibration"
 WEIGHT_BITS = (2, 8)
 ACTIVATION_BITS = (2, 16)
 # Channels whose range is (numerically) zero get scale 1, so no division by zero ever happens.

@@ -71,6 +71,16 @@ def adcorda_markdown(results: dict[str, Any]) -> str:
               for a, e in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", "*fixed train errors*: accuracy on the training images the baseline got wrong.", ""]
+  quant = results.get("quantization")
+  if quant:
+    grid = "per-channel" if quant["per_channel"] else "per-tensor"
+    kind = "symmetric" if quant["symmetric"] else "asymmetric"
+    names = ", ".join(f"`{name}` = {entry['same_as']}" for name, entry in quant["variants"].items())
+    lines += [f"Weight-quantized network: {quant['weight_bits']}-bit {grid} {kind} kernels "
+              f"({quant['size_bytes']:,} bytes vs {quant['float_size_bytes']:,} in float32). The "
+              f"baseline is its post-training quantization ({quant['calibration']} calibration); "
+              "every fine-tuning runs with fake quantization in the loop, so "
+              f"`same_budget_finetune` is the QAT control. Names: {names}.", ""]
   lines += [f"- `{name}`: {_DESCRIPTIONS[name]}" for name in results["variant_order"]]
   c = results["correction"]
   histogram = c["steps_histogram"]

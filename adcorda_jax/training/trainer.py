@@ -18,9 +18,10 @@ from absl import logging
 
 from adcorda_jax import config_checks, workdir as workdir_lib
 from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.errors import TrainingError
+from adcorda_jax.errors import ConfigError, TrainingError
 from adcorda_jax.models import count_params, create_model
 from adcorda_jax.progress import Progress
+from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.reporting import metrics_log, plots, report
 from adcorda_jax.training import batches, checkpointing, evaluation, optim, sharding, steps
 
@@ -85,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   """Trains `config.model` on `config.data`, evaluates it and writes the run's artifacts.
 
   Args:
-    config: the full experiment config (see configs/default.py).
+    config: the full experiment config (see configs/train_digits.py).
     workdir: run directory; an existing run there is resumed or, if finished, returned.
     step_callback: called as `step_callback(step, state)` after each step (tests, notebooks).
   Returns:
@@ -97,6 +98,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     return finished
   train_config = config.train
   _validate(train_config)
+  if quantization_from_config(config.get("model")) is not None:
+    raise ConfigError(f"model.quant.weight_bits={config.model.quant.weight_bits}: task=train "
+                      "trains float models; quantize a trained one with task=quantize (PTQ, QAT) "
+                      "or task=adcorda")
 
   dataset = load_dataset(config.data, config.seed)
   model = create_model(config.model, dataset.num_classes, dataset.mean, dataset.std)
