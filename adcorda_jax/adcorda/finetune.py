@@ -71,19 +71,7 @@ def read_adapt_settings(config: ml_collections.ConfigDict) -> AdaptSettings:
   if not isinstance(section, ml_collections.ConfigDict):
     raise ConfigError("config has no 'adapt' section; start from configs/adcorda_digits.py")
   # make_optimizer/make_schedule name `train.*` in their errors: check the same fields here first.
-  config_checks.positive_float(section, "learning_rate", PREFIX)
-  config_checks.one_of(section, "optimizer", PREFIX, optim.OPTIMIZERS, default="sgd")
-  config_checks.one_of(section, "schedule", PREFIX, optim.SCHEDULES, default="cosine")
-  config_checks.positive_float(section, "warmup_epochs", PREFIX, default=0.0, allow_zero=True)
-  config_checks.positive_float(section, "weight_decay", PREFIX, default=0.0, allow_zero=True)
-  config_checks.fraction(section, "momentum", PREFIX, default=0.9)
-  config_checks.positive_float(section, "step_decay", PREFIX, default=0.1)
-  boundaries = section.get("step_boundaries", (0.5, 0.75))
-  if not isinstance(boundaries, (tuple, list)) or any(
-      isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1
-      for b in boundaries):
-    raise ConfigError(f"{PREFIX}.step_boundaries must be fractions of training in (0, 1), "
-                      f"got {boundaries!r}")
+  optim.check_optimizer_fields(section, PREFIX)
   lambda_ = config_checks.positive_float(section, "lambda_", PREFIX, allow_zero=True)
   name = section.get("alignment", "coral")
   alignment_loss(name)  # Raises a ConfigError naming adapt.alignment.
@@ -189,9 +177,12 @@ class Finetuner:
 
   def __init__(self, model: nn.Module, params: Any, settings: AdaptSettings, *, total_steps: int,
                steps_per_epoch: int, num_classes: int, with_target: bool,
-               apply_fn: Callable[..., Any] | None = None):
+               apply_fn: Callable[..., Any] | None = None,
+               wrap_optimizer: Callable[[optax.GradientTransformation],
+                                        optax.GradientTransformation] | None = None):
     """`apply_fn` (default `model.apply`) is what the step differentiates, e.g. a fake-quantized
-    apply for quantization-aware fine-tuning."""
+    apply for quantization-aware fine-tuning; `wrap_optimizer` wraps the optimizer, e.g. to keep
+    pruning masks."""
     self.model, self.settings = model, settings
     self.apply_fn = apply_fn if apply_fn is not None else model.apply
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
@@ -201,6 +192,8 @@ class Finetuner:
     self.schedule = optim.make_schedule(settings.optimizer, total_steps, steps_per_epoch)
     self.tx = trainable.masked_optimizer(optim.make_optimizer(settings.optimizer, self.schedule),
                                          params, settings.trainable)
+    if wrap_optimizer is not None:
+      self.tx = wrap_optimizer(self.tx)
     self.step_fn = jax.jit(
         functools.partial(adapt_step, num_classes=num_classes,
                           alignment=alignment_loss(settings.alignment if with_target else "none"),

@@ -6,6 +6,7 @@
     logits, features = model.apply(variables, images, return_features=True)
     logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
                                   rngs={'dropout': rng})
+    model_channels('resnet20', config.model)                 # widths filter pruning can shrink
 
 Models normalize their inputs themselves, so attacks can perturb pixels directly, and return the
 penultimate features on request for feature-level losses (Deep CORAL, distillation).
@@ -13,7 +14,7 @@ penultimate features on request for feature-level losses (Deep CORAL, distillati
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,10 +23,13 @@ import numpy as np
 
 from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
-from adcorda_jax.models import resnet_cifar, resnet_imagenet, small_cnn  # Registers the models.
+# Importing the model modules registers them.
+from adcorda_jax.models import resnet_cifar, resnet_imagenet, small_cnn  # noqa: F401
 from adcorda_jax.models.common import MODELS
 
-__all__ = ["MODELS", "create_model", "count_params"]
+__all__ = ["MODELS", "create_model", "count_params", "model_channels"]
+
+CHANNELS_KEY = "model.channels"
 
 
 def _constants(values: Sequence[float], label: str, positive: bool) -> tuple[float, ...]:
@@ -38,13 +42,29 @@ def _constants(values: Sequence[float], label: str, positive: bool) -> tuple[flo
   return constants
 
 
-def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
+def _channels(value: Any, expected: int, name: str) -> tuple[int, ...]:
+  """Validates `model.channels`: empty/None, or exactly `expected` positive integers."""
+  if value is None:
+    return ()
+  ints = isinstance(value, (tuple, list)) and all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v > 0
+      for v in value)
+  if not ints or len(value) not in (0, expected):
+    raise ConfigError(
+        f"{CHANNELS_KEY} must be empty (default widths) or {expected} positive integers for "
+        f"{name} (one per prunable conv), got {value!r}")
+  return tuple(int(v) for v in value)
+
+
+def create_model(model_config: ml_collections.ConfigDict | Mapping[str, Any], num_classes: int,
                  mean: Sequence[float], std: Sequence[float]) -> nn.Module:
   """Builds the model named `model_config.name`, validating the config fields it reads.
 
   Args:
-    model_config: the `model` config section: `name`, `width` (channel multiplier > 0, default
-      1.0) and `dropout` (in [0, 1), default 0.0; only small_cnn has a dropout layer).
+    model_config: the `model` config section (or a plain dict): `name`, `width` (channel
+      multiplier > 0, default 1.0), `dropout` (in [0, 1), default 0.0; only small_cnn has a
+      dropout layer) and `channels` (optional widths of the prunable convs, see
+      `model_channels`; empty = the defaults at `width`).
     num_classes: number of output logits, >= 2.
     mean, std: per-channel (or single) constants; the model computes (x - mean) / std.
   Returns:
@@ -63,9 +83,25 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int,
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
       or num_classes < 2:
     raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-  return builder(num_classes=int(num_classes), width=width, dropout=dropout,
-                 mean=_constants(mean, "mean", positive=False),
-                 std=_constants(std, "std", positive=True))
+  model = builder(num_classes=int(num_classes), width=width, dropout=dropout,
+                  mean=_constants(mean, "mean", positive=False),
+                  std=_constants(std, "std", positive=True))
+  channels = _channels(model_config.get("channels", ()), len(model.default_channels()), name)
+  return model.clone(channels=channels) if channels else model
+
+
+def model_channels(model_name: str,
+                   model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> tuple[int, ...]:
+  """The widths of the prunable convs of `model_name` under `model_config` (validated).
+
+  small_cnn: conv1..conv4 outputs; ResNets: every basic block's conv1 output (inner width), in
+  order stage1_block0, stage1_block1, ... The `model.channels` override if set, else the defaults
+  at `model.width`. `l1_filter_prune` shrinks this tuple.
+  """
+  fields = (model_config.to_dict() if isinstance(model_config, ml_collections.ConfigDict)
+            else dict(model_config))
+  fields.update(name=model_name, dropout=0.0)  # Dropout plays no part; skip its warning.
+  return create_model(fields, 2, mean=(0.0,), std=(1.0,)).layer_channels()
 
 
 def count_params(params: Any) -> int:

@@ -3,10 +3,14 @@
 Every model takes float images in [0, 1] and normalizes them itself, so adversarial attacks can
 work in pixel space. Every conv and BatchNorm is a named submodule, so the channel count of each
 layer can be read from the parameter tree (filter pruning relies on this).
+
+Models take an optional `channels` tuple: the output widths of their prunable convs (see each
+model's `prunable_convs`). Empty means the default widths; parameter names never change, so a
+pruned model is the same network with narrower layers.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,13 +19,26 @@ import jax.numpy as jnp
 from adcorda_jax.registry import Registry
 
 # A builder turns validated config values into a module:
-# builder(num_classes=, width=, dropout=, mean=, std=) -> nn.Module.
+# builder(num_classes=, width=, dropout=, mean=, std=, channels=()) -> nn.Module. The module has
+# `default_channels()`, `layer_channels()` and `prunable_convs()` (see `PrunableConv`).
 ModelBuilder = Callable[..., nn.Module]
 
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 # He et al. (2015) normal init scaled by fan-out, as in the reference ResNet implementations.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class PrunableConv(NamedTuple):
+  """A conv whose output filters can be removed, with the layers that must shrink with it.
+
+  Paths are '/'-joined module names in the params tree. `next_layer` consumes the conv's output
+  channels (after `bn` and ReLU): a conv (HWIO kernel, input axis 2) or a Dense over the flattened
+  NHWC feature map (rows ordered H, W, C).
+  """
+  conv: str
+  bn: str
+  next_layer: str
 
 
 def scaled_channels(base: int, width: float) -> int:
@@ -82,11 +99,14 @@ class BasicBlock(nn.Module):
   """
   features: int
   strides: int = 1
+  # Output channels of conv1 (bn1, conv2's input); None = `features`. Filter pruning shrinks it.
+  inner_features: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     residual = x
-    y = conv(self.features, 3, self.strides, name="conv1")(x)
+    inner = self.features if self.inner_features is None else self.inner_features
+    y = conv(inner, 3, self.strides, name="conv1")(x)
     y = nn.relu(batch_norm(train, name="bn1")(y))
     y = conv(self.features, 3, name="conv2")(y)
     y = batch_norm(train, name="bn2")(y)
@@ -96,16 +116,44 @@ class BasicBlock(nn.Module):
     return nn.relu(y + residual)
 
 
+def block_names(blocks_per_stage: Sequence[int]) -> list[str]:
+  """`stage{s}_block{b}` for every basic block, in the order the network applies them."""
+  return [f"stage{stage}_block{block}"
+          for stage, num_blocks in enumerate(blocks_per_stage, start=1)
+          for block in range(num_blocks)]
+
+
+def block_inner_channels(blocks_per_stage: Sequence[int],
+                         channels: Sequence[int]) -> tuple[int, ...]:
+  """Default inner width of every block: its stage's channel count."""
+  return tuple(features for num_blocks, features in zip(blocks_per_stage, channels)
+               for _ in range(num_blocks))
+
+
+def block_prunable_convs(blocks_per_stage: Sequence[int]) -> tuple[PrunableConv, ...]:
+  """Each block's conv1: pruning it shrinks bn1 and conv2's input, never the residual sum."""
+  return tuple(PrunableConv(f"{name}/conv1", f"{name}/bn1", f"{name}/conv2")
+               for name in block_names(blocks_per_stage))
+
+
 def residual_stages(x: jax.Array, blocks_per_stage: Sequence[int], channels: Sequence[int],
-                    strides: Sequence[int], train: bool) -> jax.Array:
+                    strides: Sequence[int], train: bool,
+                    inner_channels: Sequence[int] = ()) -> jax.Array:
   """Applies stages of basic blocks; call it inside a compact `__call__` so blocks attach there.
 
   Stage `s` (1-based) has `blocks_per_stage[s-1]` blocks of `channels[s-1]` channels named
   `stage{s}_block{b}` (0-based `b`); its first block downsamples by `strides[s-1]`.
+  `inner_channels` (one per block, in order; empty = the stage widths) sets each block's conv1.
   """
+  names = block_names(blocks_per_stage)
+  inner = tuple(inner_channels) or block_inner_channels(blocks_per_stage, channels)
+  if len(inner) != len(names):
+    raise ValueError(f"inner_channels needs {len(names)} values, got {len(inner)}")
+  index = 0
   for stage, (num_blocks, features, stride) in enumerate(
       zip(blocks_per_stage, channels, strides), start=1):
     for block in range(num_blocks):
-      x = BasicBlock(features, stride if block == 0 else 1,
-                     name=f"stage{stage}_block{block}")(x, train)
+      x = BasicBlock(features, stride if block == 0 else 1, inner_features=inner[index],
+                     name=names[index])(x, train)
+      index += 1
   return x

@@ -3,6 +3,10 @@
 A 3x3 conv stem with 16 channels, three stages of n basic blocks with 16/32/64 channels and
 strides 1/2/2, global average pooling and a linear classifier. Shortcuts that change shape use a
 1x1 conv + BN projection (option B), which adds a few thousand parameters over option A.
+
+`channels` overrides the inner width (conv1 output) of each block, in order. Block outputs,
+shortcuts and the stem keep their widths, so residual sums always match: this is how Li et al.
+(2017) prune ResNets.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from adcorda_jax.models.common import (MODELS, batch_norm, conv, global_average_pool, normalize,
+from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, block_inner_channels,
+                                       block_prunable_convs, conv, global_average_pool, normalize,
                                        residual_stages, scaled_channels)
 
 # Registered depth -> blocks per stage (depth = 6n + 2).
@@ -27,6 +32,27 @@ class ResNetCifar(nn.Module):
   std: tuple[float, ...]
   blocks_per_stage: int = 3
   width: float = 1.0
+  # Inner width (conv1 output) of every block, in order; () = the stage widths at `width`.
+  channels: tuple[int, ...] = ()
+
+  def _stages(self) -> tuple[int, ...]:
+    return (self.blocks_per_stage,) * 3
+
+  def stage_channels(self) -> tuple[int, ...]:
+    """Block output widths per stage (never pruned, so residual sums always match)."""
+    return tuple(scaled_channels(base, self.width) for base in (16, 32, 64))
+
+  def default_channels(self) -> tuple[int, ...]:
+    """Unpruned inner width of every block, in order."""
+    return block_inner_channels(self._stages(), self.stage_channels())
+
+  def layer_channels(self) -> tuple[int, ...]:
+    """The inner widths this module builds (`channels` or the defaults)."""
+    return tuple(self.channels) or self.default_channels()
+
+  def prunable_convs(self) -> tuple[PrunableConv, ...]:
+    """Every block's conv1 (feeding bn1 and conv2), in order."""
+    return block_prunable_convs(self._stages())
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -34,21 +60,21 @@ class ResNetCifar(nn.Module):
     x = conv(scaled_channels(16, self.width), 3, name="conv1")(x)
     x = nn.relu(batch_norm(train, name="bn1")(x))
     x = residual_stages(
-        x, blocks_per_stage=(self.blocks_per_stage,) * 3,
-        channels=tuple(scaled_channels(base, self.width) for base in (16, 32, 64)),
-        strides=(1, 2, 2), train=train)
+        x, blocks_per_stage=self._stages(), channels=self.stage_channels(),
+        strides=(1, 2, 2), train=train, inner_channels=self.layer_channels())
     features = global_average_pool(x)
     logits = nn.Dense(self.num_classes, name="classifier")(features)
     return (logits, features) if return_features else logits
 
 
 def build_resnet_cifar(*, depth: int, num_classes: int, width: float, dropout: float,
-                       mean: Sequence[float], std: Sequence[float]) -> ResNetCifar:
+                       mean: Sequence[float], std: Sequence[float],
+                       channels: Sequence[int] = ()) -> ResNetCifar:
   """Builds a CIFAR ResNet of the given registered depth from validated config values."""
   if dropout:
     logging.warning("model.dropout=%s is ignored: resnet%d has no dropout layer.", dropout, depth)
   return ResNetCifar(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-                     blocks_per_stage=CIFAR_DEPTHS[depth], width=width)
+                     blocks_per_stage=CIFAR_DEPTHS[depth], width=width, channels=tuple(channels))
 
 
 for _depth in CIFAR_DEPTHS:

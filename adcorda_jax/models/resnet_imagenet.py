@@ -2,7 +2,8 @@
 
 A 7x7 stride-2 conv stem and a 3x3 stride-2 max-pool, four stages with 64/128/256/512 channels and
 strides 1/2/2/2, global average pooling and a linear classifier. The total stride is 32, so inputs
-should be at least 32x32 (64x64 Tiny-ImageNet-style crops and 224x224 both work).
+should be at least 32x32 (64x64 Tiny-ImageNet-style crops and 224x224 both work). `channels`
+overrides the inner width of each block (filter pruning, as in `resnet_cifar`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from adcorda_jax.models.common import (MODELS, batch_norm, conv, global_average_pool, normalize,
+from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, block_inner_channels,
+                                       block_prunable_convs, conv, global_average_pool, normalize,
                                        residual_stages, scaled_channels)
 
 # Registered depth -> basic blocks per stage.
@@ -27,6 +29,27 @@ class ResNetImagenet(nn.Module):
   std: tuple[float, ...]
   blocks_per_stage: tuple[int, ...] = (2, 2, 2, 2)
   width: float = 1.0
+  # Inner width (conv1 output) of every block, in order; () = the stage widths at `width`.
+  channels: tuple[int, ...] = ()
+
+  def _stages(self) -> tuple[int, ...]:
+    return self.blocks_per_stage
+
+  def stage_channels(self) -> tuple[int, ...]:
+    """Block output widths per stage (never pruned, so residual sums always match)."""
+    return tuple(scaled_channels(base, self.width) for base in (64, 128, 256, 512))
+
+  def default_channels(self) -> tuple[int, ...]:
+    """Unpruned inner width of every block, in order."""
+    return block_inner_channels(self._stages(), self.stage_channels())
+
+  def layer_channels(self) -> tuple[int, ...]:
+    """The inner widths this module builds (`channels` or the defaults)."""
+    return tuple(self.channels) or self.default_channels()
+
+  def prunable_convs(self) -> tuple[PrunableConv, ...]:
+    """Every block's conv1 (feeding bn1 and conv2), in order."""
+    return block_prunable_convs(self._stages())
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -35,21 +58,22 @@ class ResNetImagenet(nn.Module):
     x = nn.relu(batch_norm(train, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = residual_stages(
-        x, blocks_per_stage=self.blocks_per_stage,
-        channels=tuple(scaled_channels(base, self.width) for base in (64, 128, 256, 512)),
-        strides=(1, 2, 2, 2), train=train)
+        x, blocks_per_stage=self._stages(), channels=self.stage_channels(),
+        strides=(1, 2, 2, 2), train=train, inner_channels=self.layer_channels())
     features = global_average_pool(x)
     logits = nn.Dense(self.num_classes, name="classifier")(features)
     return (logits, features) if return_features else logits
 
 
 def build_resnet_imagenet(*, depth: int, num_classes: int, width: float, dropout: float,
-                          mean: Sequence[float], std: Sequence[float]) -> ResNetImagenet:
+                          mean: Sequence[float], std: Sequence[float],
+                          channels: Sequence[int] = ()) -> ResNetImagenet:
   """Builds an ImageNet ResNet of the given registered depth from validated config values."""
   if dropout:
     logging.warning("model.dropout=%s is ignored: resnet%d has no dropout layer.", dropout, depth)
   return ResNetImagenet(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-                        blocks_per_stage=IMAGENET_STAGE_SIZES[depth], width=width)
+                        blocks_per_stage=IMAGENET_STAGE_SIZES[depth], width=width,
+                        channels=tuple(channels))
 
 
 for _depth in IMAGENET_STAGE_SIZES:

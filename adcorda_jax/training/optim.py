@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from adcorda_jax import config_checks
+from adcorda_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -64,3 +65,24 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
       optax.sgd(schedule, momentum=momentum or None,
                 nesterov=bool(train_config.get("nesterov", False)) and momentum > 0),
   )
+
+
+def check_optimizer_fields(section: ml_collections.ConfigDict, prefix: str) -> None:
+  """Checks the optimizer/schedule fields of a fine-tuning section (`adapt`, `distill`, ...).
+
+  `make_optimizer`/`make_schedule` name `train.*` in their errors; a section that reuses them
+  checks its own fields first, so errors name `<prefix>.<key>`.
+  """
+  config_checks.positive_float(section, "learning_rate", prefix)
+  config_checks.one_of(section, "optimizer", prefix, OPTIMIZERS, default="sgd")
+  config_checks.one_of(section, "schedule", prefix, SCHEDULES, default="cosine")
+  config_checks.positive_float(section, "warmup_epochs", prefix, default=0.0, allow_zero=True)
+  config_checks.positive_float(section, "weight_decay", prefix, default=0.0, allow_zero=True)
+  config_checks.fraction(section, "momentum", prefix, default=0.9)
+  config_checks.positive_float(section, "step_decay", prefix, default=0.1)
+  boundaries = section.get("step_boundaries", (0.5, 0.75))
+  if not isinstance(boundaries, (tuple, list)) or any(
+      isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1
+      for b in boundaries):
+    raise ConfigError(f"{prefix}.step_boundaries must be fractions of training in (0, 1), "
+                      f"got {boundaries!r}")
