@@ -166,12 +166,13 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def ensure_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, key: str,
-                    workdir: Path) -> tuple[Path, dict[str, Any]]:
+                    workdir: Path, directory: Path | None = None
+                    ) -> tuple[Path, dict[str, Any]]:
   """(checkpoint path, fingerprint) of the baseline: `checkpoint` (config key `key`) if given,
-  else the float model trained (or resumed, or loaded) in `<workdir>/baseline`."""
+  else the float model trained (or resumed, or loaded) in `directory` (`<workdir>/baseline`)."""
   if checkpoint is not None:
     return checkpoint, {key: str(checkpoint)}
-  directory = workdir / "baseline"
+  directory = directory if directory is not None else workdir / "baseline"
   train_config = baseline_config(config)
   recorded = directory / workdir_lib.CONFIG_FILE
   if recorded.exists():
@@ -179,7 +180,7 @@ def ensure_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, 
                                              workdir_lib.config_to_dict(train_config))
     if changed:
       raise CheckpointError(
-          f"stage 'baseline' in {str(directory)!r} was made with a different config (differs "
+          f"stage {directory.name!r} in {str(directory)!r} was made with a different config (differs "
           f"at: {shown(changed)}); restore those values, or delete that folder (and the "
           "later stages' folders) to redo it, or use a new --workdir")
   trainer.train_and_evaluate(train_config, directory)

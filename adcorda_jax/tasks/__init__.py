@@ -9,6 +9,7 @@ import ml_collections
 from adcorda_jax.registry import Registry
 from adcorda_jax.tasks.adcorda import run_adcorda
 from adcorda_jax.tasks.benchmark_attack import run_benchmark_attack
+from adcorda_jax.tasks.compression_study import run_compression_study
 from adcorda_jax.tasks.quantize import run_quantize
 from adcorda_jax.tasks.robustness import run_robustness
 from adcorda_jax.training.trainer import train_and_evaluate
@@ -20,6 +21,7 @@ TASKS.register("robustness")(run_robustness)
 TASKS.register("benchmark_attack")(run_benchmark_attack)
 TASKS.register("adcorda")(run_adcorda)
 TASKS.register("quantize")(run_quantize)
+TASKS.register("compression_study")(run_compression_study)
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

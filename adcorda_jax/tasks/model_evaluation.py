@@ -87,6 +87,7 @@ class Evaluator:
   mesh: jax.sharding.Mesh
   misclassified: np.ndarray | None = None
   attack_model_fn: AttackModelFn | None = None
+  splits: tuple[str, ...] = ("train", "val", "test")  # Clean accuracy on these.
 
   @property
   def robust_examples(self) -> int:
@@ -103,14 +104,14 @@ class Evaluator:
     data = self.dataset
     outputs: dict[str, Any] = {"label": label}
     train_prediction = None
-    for name in ("train", "val", "test"):
+    for name in self.splits:
       split = getattr(data, name)
       prediction = self.predict(variables, split.images) if len(split) else None
       outputs[f"{name}_accuracy"] = (float(np.mean(prediction == split.labels))
                                      if prediction is not None else None)
       train_prediction = prediction if name == "train" else train_prediction
     rows = self.misclassified
-    if rows is not None:  # The baseline's training errors: how many does this model fix?
+    if rows is not None and train_prediction is not None:  # The baseline's training errors: how many does this model fix?
       outputs["misclassified_fixed"] = (
           float(np.mean(train_prediction[rows] == data.train.labels[rows])) if len(rows)
           else None)

@@ -1,0 +1,150 @@
+"""Compression-study results for people: tables per network, per corruption, findings, two plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adcorda_jax.reporting import plots
+from adcorda_jax.reporting.robustness_report import eps_key, eps_label
+
+_MARKERS = {"filter_pruning": "s", "magnitude_pruning": "^", "distillation": "o", "ptq": "D"}
+
+
+def _percent(value: float | None, std: float | None = None) -> str:
+  if value is None:
+    return "n/a"
+  return f"{100 * value:.1f}%" + (f" ± {100 * std:.1f}" if std else "")
+
+
+def _robust_columns(results: dict[str, Any]) -> list[tuple[str, float]]:
+  return [(attack, eps) for attack in results["evaluate"]["attacks"]
+          for eps in results["evaluate"]["eps"]]
+
+
+def _rows(results: dict[str, Any], label: str) -> list[dict[str, Any]]:
+  """The original network, then its cells, as uniform rows."""
+  original = {**results["networks"][label], "method": "original", "name": "original"}
+  return [original] + [c for c in results["cells"] if c["network"] == label]
+
+
+def summary_line(results: dict[str, Any]) -> str:
+  held = {True: "held", False: "not held", None: "untested"}
+  return ", ".join(f"finding {f['finding']} {held[f['held']]}" for f in results["findings"])
+
+
+def study_markdown(results: dict[str, Any]) -> str:
+  """Per-network tables (size, clean, shift, adversarial), per-corruption accuracy, findings."""
+  columns = _robust_columns(results)
+  domains = results["shift"]["domains"]
+  lines = [
+      f"# Compression study: {results['dataset']}",
+      "",
+      f"Shift: {len(results['shift']['corruptions'])} corruptions x severities "
+      f"{results['shift']['severities']} on the first {results['shift']['corrupted_examples']} "
+      f"test images" + (f", domains {', '.join(domains)}" if domains else "") + ". Adversarial: "
+      f"{results['evaluate']['norm']} attacks on the first "
+      f"{results['evaluate']['robust_examples']} test images. Seeds {results['seeds']} (mean ± "
+      "std where several). *rel. shift* = shifted accuracy / clean accuracy.",
+      "",
+      "## Findings (arXiv 2401.12014)",
+      "",
+  ]
+  verdict = {True: "**held**", False: "**not held**", None: "untested"}
+  lines += [f"{f['finding']}. {f['statement']}: {verdict[f['held']]} ({f['evidence']})"
+            for f in results["findings"]]
+  for label, network in results["networks"].items():
+    lines += ["", f"## {label}: {network['name']} (width {network['width']:g})", "",
+              "| cell | params | MFLOPs | bytes | compression | clean | corruptions | "
+              + "".join(f"{d} | " for d in domains) + "rel. shift | "
+              + " | ".join(f"{a} {eps_label(e)}" for a, e in columns) + " |",
+              "|---|" + "---:|" * (7 + len(domains) + len(columns))]
+    for row in _rows(results, label):
+      shift = row["shift"]
+      cells = [f"{row['params']:,}", f"{row['flops'] / 1e6:.2f}", f"{row['size_bytes']:,}",
+               f"{row['compression_ratio']:.1f}x",
+               _percent(row["test_accuracy"], row.get("test_accuracy_std")),
+               _percent(shift["corruption_mean"], shift.get("corruption_mean_std"))]
+      cells += [_percent(shift["domains"][d]) for d in domains]
+      cells += [f"{row['relative_robustness']:.3f}"]
+      cells += [_percent(row["robust_accuracy"][a][eps_key(e)]) for a, e in columns]
+      lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+  corruptions = results["shift"]["corruptions"]
+  lines += ["", "## Accuracy per corruption (mean over severities)", "",
+            "| network | cell | " + " | ".join(corruptions) + " |",
+            "|---|---|" + "---:|" * len(corruptions)]
+  for label in results["networks"]:
+    for row in _rows(results, label):
+      per = row["shift"]["per_corruption"]
+      lines.append(f"| {label} | {row['name']} | "
+                   + " | ".join(f"{100 * per[c]:.1f}" for c in corruptions) + " |")
+  lines += ["", f"{results['devices']} {results['backend']} device(s); this call "
+            f"{results['wall_seconds']:.0f} s. Plots: `accuracy_vs_compression.png`, "
+            "`large_vs_small.png`" + (", `corruptions.png`" if results.get("preview") else "")
+            + ".", ""]
+  return "\n".join(lines)
+
+
+def plot_accuracy_vs_compression(results: dict[str, Any], path: str | Path) -> None:
+  """One panel per shift type (clean, corruptions, domains, attacks): accuracy vs compression."""
+  panels: list[tuple[str, Any]] = [
+      ("clean", lambda r: r["test_accuracy"]),
+      ("corruptions (mean)", lambda r: r["shift"]["corruption_mean"])]
+  panels += [(f"domain {d}", lambda r, d=d: r["shift"]["domains"][d])
+             for d in results["shift"]["domains"]]
+  panels += [(f"{a} {eps_label(e)}", lambda r, a=a, e=e: r["robust_accuracy"][a][eps_key(e)])
+             for a, e in _robust_columns(results)]
+  figure, axes = plots.plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6),
+                                    squeeze=False)
+  styles = ("-", "--", ":", "-.")
+  colors = plots.plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  methods = sorted({c["method"] for c in results["cells"]})
+  for axis, (title, value) in zip(axes[0], panels, strict=True):
+    for n, label in enumerate(results["networks"]):
+      original = results["networks"][label]
+      for m, method in enumerate(methods):
+        rows = sorted((c for c in results["cells"]
+                       if c["network"] == label and c["method"] == method),
+                      key=lambda c: c["compression_ratio"])
+        xs = [1.0] + [c["compression_ratio"] for c in rows]
+        ys = [value(original)] + [value(c) for c in rows]
+        axis.plot(xs, ys, linestyle=styles[n % len(styles)], marker=_MARKERS.get(method, "o"),
+                  color=colors[m % len(colors)],
+                  label=f"{label}: {method}" if title == "clean" else None)
+    axis.set_xscale("log", base=2)
+    axis.set(title=title, xlabel="compression (x fewer bytes)")
+    axis.grid(alpha=0.3)
+  axes[0][0].set_ylabel("accuracy")
+  figure.legend(loc="lower center", ncol=min(4, len(methods) * len(results["networks"])),
+                bbox_to_anchor=(0.5, -0.12), fontsize=8)
+  plots.save_figure_atomic(figure, path)
+
+
+def plot_large_vs_small(results: dict[str, Any], path: str | Path) -> None:
+  """Relative robustness to shift per method (mean over rates), bars per network."""
+  labels = list(results["networks"])
+  methods = ["original"] + sorted({c["method"] for c in results["cells"]})
+  figure, axis = plots.plt.subplots(figsize=(1.4 * len(methods) * len(labels) / 2 + 3, 3.8))
+  width = 0.8 / len(labels)
+  xs = np.arange(len(methods))
+  for n, label in enumerate(labels):
+    values = []
+    for method in methods:
+      if method == "original":
+        values.append(results["networks"][label]["relative_robustness"])
+        continue
+      rows = [c["relative_robustness"] for c in results["cells"]
+              if c["network"] == label and c["method"] == method]
+      values.append(float(np.mean(rows)) if rows else np.nan)
+    axis.bar(xs + (n - (len(labels) - 1) / 2) * width, values, width,
+             label=f"{label} ({results['networks'][label]['params']:,} params)")
+  finite = [v for c in results["cells"] for v in [c["relative_robustness"]]]
+  finite += [n["relative_robustness"] for n in results["networks"].values()]
+  axis.set(xticks=xs, ylabel="shifted / clean accuracy",
+           ylim=(max(0.0, min(finite) - 0.05), min(1.05, max(finite) + 0.05)),
+           title="relative robustness to distribution shift (mean over rates)")
+  axis.set_xticklabels(methods, rotation=20, ha="right")
+  axis.grid(axis="y", alpha=0.3)
+  axis.legend(fontsize=8)
+  plots.save_figure_atomic(figure, path)

@@ -1,0 +1,233 @@
+"""`task=compression_study`: how compression changes robustness (arXiv 2401.12014), on any data.
+
+    python main.py --config configs/compression_fashion_mnist.py --workdir runs/study_fm
+
+1. Each network of `study.networks` is trained (`train` recipe) in `networks/<label>/`.
+2. Each cell (network x method x rate x seed, `study.grid`) is compressed and fine-tuned
+   (`study.compress`) in `cells/<label>/<method>_<rate>/seed<k>/`, then evaluated: clean test
+   accuracy, accuracy under every corruption and severity and on other domains (`shift`), and
+   robust accuracy under `evaluate`'s attacks. A finished cell writes `done.json` and is never
+   recomputed; an interrupted one resumes from its checkpoints; a config change that would
+   change a cell is refused with the keys that differ.
+3. Seeds are averaged per (network, method, rate); the four findings are decided
+   (`study.findings`); `results.json`, `report.md` and plots are written.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from adcorda_jax import workdir as workdir_lib
+from adcorda_jax.adcorda import finetune, stages
+from adcorda_jax.compression import size_bytes
+from adcorda_jax.compression.distillation import read_distill_settings
+from adcorda_jax.data import Dataset, load_dataset
+from adcorda_jax.quant.deploy import quantization_from_config
+from adcorda_jax.reporting import study_report
+from adcorda_jax.shift import save_preview_grid
+from adcorda_jax.study import findings as findings_lib
+from adcorda_jax.study.compress import Compressed, Compressor, network_stats
+from adcorda_jax.study.grid import Cell, Network, StudySettings, read_study_settings
+from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_shift_settings,
+                                          shift_accuracy)
+from adcorda_jax.tasks import model_evaluation
+from adcorda_jax.training import checkpointing, sharding
+
+
+def _quant_template(config: ml_collections.ConfigDict):
+  """`model.quant` with a placeholder bit width: the grid kind and calibration PTQ cells use."""
+  quant = config.model.to_dict().get("quant") or {}
+  return quantization_from_config(ml_collections.ConfigDict(
+      {"quant": {**quant, "weight_bits": 8, "activation_bits": 0, "fold_batch_norm": False}}))
+
+
+class _Study:
+  """Shared state of one run: data, shifted sets, evaluation settings, the mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Path, settings: StudySettings,
+               dataset: Dataset, sets: ShiftedSets, evaluation: stages.Evaluation,
+               mesh: jax.sharding.Mesh):
+    self.config, self.workdir, self.settings = config, workdir, settings
+    self.dataset, self.sets, self.evaluation, self.mesh = dataset, sets, evaluation, mesh
+    self.key = jax.random.key(config.get("seed", 0))
+    self.shift_keys = stages.config_fingerprint(config, ("shift",))
+    self.evaluate_keys = stages.config_fingerprint(config, ("evaluate",))
+
+  def evaluate(self, model: Any, variables: dict[str, Any], directory: Path,
+               fingerprint: dict[str, Any], label: str) -> dict[str, Any]:
+    """Clean, shifted and robust accuracy of one network (cached in `directory`)."""
+    predict = model_evaluation.make_predictor(model.apply, self.evaluation.batch_size, self.mesh)
+    evaluator = model_evaluation.Evaluator(
+        self.dataset, model, predict, self.evaluation.specs, self.evaluation.eps,
+        self.evaluation.batch_size, self.evaluation.max_examples,
+        jax.random.fold_in(self.key, 2), self.mesh, splits=("test",))
+    outputs = evaluator(variables, directory / "evaluate", {**fingerprint, **self.evaluate_keys},
+                        label)
+    shift_dir = directory / "shift"
+    stages.claim(shift_dir, "shift", {**fingerprint, **self.shift_keys,
+                                      "evaluate.params_sha1": stages.tree_digest(variables)})
+    shift = stages.load_done(shift_dir)
+    if shift is None:
+      shift = shift_accuracy(predict, variables, self.sets)
+      stages.mark_done(shift_dir, shift)
+    return {**outputs, "shift": shift}
+
+
+def _train_network(study: _Study, network: Network) -> tuple[Path, dict[str, Any]]:
+  config = ml_collections.ConfigDict(study.config.to_dict())
+  config.model = ml_collections.ConfigDict(network.model_config(study.config.model.to_dict()))
+  directory = study.workdir / "networks" / network.label
+  return stages.ensure_baseline(config, None, "study.network", study.workdir,
+                                directory=directory)
+
+
+def _summarize(entries: list[dict[str, Any]], stats: dict[str, Any],
+               original_bytes: int) -> dict[str, Any]:
+  """Seed-averaged evaluation of one network or cell, with its size and relative robustness."""
+  summary = model_evaluation.aggregate(entries)
+  shifts = [e["shift"] for e in entries]
+  corruption = [s["corruption_mean"] for s in shifts if s["corruption_mean"] is not None]
+  summary["shift"] = {
+      "corruption_mean": float(np.mean(corruption)) if corruption else None,
+      "corruption_mean_std": float(np.std(corruption, ddof=1)) if len(corruption) > 1 else 0.0,
+      "per_corruption": {name: float(np.mean([s["per_corruption"][name] for s in shifts]))
+                         for name in shifts[0]["per_corruption"]},
+      "domains": {name: float(np.mean([s["domains"][name] for s in shifts]))
+                  for name in shifts[0]["domains"]},
+      "corrupted_examples": shifts[0]["corrupted_examples"],
+  }
+  summary.update(stats)
+  summary["compression_ratio"] = original_bytes / stats["size_bytes"]
+  summary["relative_robustness"] = findings_lib.relative_robustness(summary)
+  summary["relative_robust_accuracy"] = {
+      attack: {eps: value / max(summary["test_accuracy"], 1e-12) for eps, value in by_eps.items()}
+      for attack, by_eps in summary["robust_accuracy"].items()}
+  return summary
+
+
+def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[str, Any]
+              ) -> dict[str, Any]:
+  """Compresses, fine-tunes and evaluates one cell, or loads its finished result."""
+  directory = study.workdir / "cells" / cell.path
+  keys = ("train", "adapt", "model") + (("distill",) if cell.method == "distillation" else ())
+  fingerprint = {**original["fingerprint"], "study.magnitude_scope":
+                 study.settings.magnitude_scope if cell.method == "magnitude_pruning" else None,
+                 "cell": cell.path, **stages.config_fingerprint(study.config, keys)}
+  stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
+  done = stages.load_done(directory)
+  if done is not None:
+    return done
+  logging.info("Cell %s: compressing.", cell.path)
+  compressed: Compressed = compressor(cell, original["model_config"], original["model"],
+                                      original["variables"], original["meta"], directory)
+  stats = {**network_stats(compressed.model, compressed.variables, study.dataset.image_shape),
+           "size_bytes": int(compressed.size_bytes), "details": compressed.details}
+  evaluation = study.evaluate(compressed.model, compressed.variables, directory, fingerprint,
+                              cell.path)
+  result = {"seed": cell.seed, **evaluation, **stats}
+  stages.mark_done(directory, result)
+  return result
+
+
+def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
+                          ) -> dict[str, Any]:
+  """Runs (or resumes) the whole grid in `workdir`; returns (and saves) the results."""
+  wall_start = time.perf_counter()
+  workdir = workdir_lib.prepare(workdir)
+  settings = read_study_settings(config)
+  evaluation = stages.read_evaluation(config)
+  adapt = finetune.read_adapt_settings(config)
+  distill = read_distill_settings(config) if "distillation" in settings.methods else None
+  quant_template = _quant_template(config)
+  finished = workdir_lib.finished_results(workdir)
+  current = workdir_lib.config_to_dict(config)
+  if finished is not None and not workdir_lib.config_differences(
+      finished.get("config", {}), current, ignore=stages.RESUMABLE_KEYS):
+    logging.info("Run in %s already finished; returning its saved results.", workdir)
+    return finished
+  seed = config.get("seed", 0)
+  dataset = load_dataset(config.data, seed)
+  shift_settings = read_shift_settings(config, dataset.image_shape[2])
+  mesh = sharding.make_mesh()
+  sets = build_shifted_sets(shift_settings, dataset, jax.random.fold_in(jax.random.key(seed), 3),
+                            seed)
+  study = _Study(config, workdir, settings, dataset, sets, evaluation, mesh)
+  preview = None
+  if settings.plot_corruptions and shift_settings.corruptions and workdir_lib.is_writer():
+    preview = workdir / "corruptions.png"
+    save_preview_grid(preview, dataset.test.images[:2], jax.random.key(seed),
+                      names=list(shift_settings.corruptions))
+
+  originals: dict[str, dict[str, Any]] = {}
+  for network in settings.networks:
+    checkpoint, fingerprint = _train_network(study, network)
+    variables, meta = checkpointing.load_checkpoint(checkpoint)
+    model = checkpointing.model_from_meta(meta)
+    fingerprint["network.params_sha1"] = stages.tree_digest(variables)
+    evaluation_result = study.evaluate(model, variables, checkpoint, fingerprint, network.label)
+    stats = {**network_stats(model, variables, dataset.image_shape),
+             "size_bytes": int(size_bytes(variables["params"]))}
+    originals[network.label] = {"model": model, "variables": variables, "meta": meta,
+                                "model_config": meta["model"], "fingerprint": fingerprint,
+                                "evaluation": evaluation_result, "stats": stats}
+
+  compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope)
+  by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+  for cell in settings.cells():
+    result = _run_cell(study, compressor, cell, originals[cell.network.label])
+    by_group.setdefault((cell.network.label, cell.method, cell.rate), []).append(result)
+
+  networks = {}
+  for network in settings.networks:
+    original = originals[network.label]
+    networks[network.label] = {
+        "name": network.name, "width": network.width,
+        **_summarize([original["evaluation"]], original["stats"], original["stats"]["size_bytes"])}
+  cells = []
+  for (label, method, rate), entries in by_group.items():
+    first = entries[0]
+    stats = {key: first[key] for key in ("params", "nonzero_params", "flops", "size_bytes")}
+    cell = Cell(next(n for n in settings.networks if n.label == label), method, rate, 0)
+    cells.append({"network": label, "method": method, "rate": rate, "name": cell.name,
+                  "details": first["details"],
+                  **_summarize(entries, stats, originals[label]["stats"]["size_bytes"])})
+  findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks])
+  results: dict[str, Any] = {
+      "status": "complete",
+      "task": config.get("task", "compression_study"),
+      "dataset": dataset.name,
+      "seeds": list(settings.seeds),
+      "networks": networks,
+      "cells": cells,
+      "findings": findings,
+      "shift": {"corruptions": list(shift_settings.corruptions),
+                "severities": list(shift_settings.severities),
+                "corrupted_examples": int(len(sets.corrupted_labels)),
+                "domains": list(sets.domains)},
+      "evaluate": {"attacks": [s.name for s in evaluation.specs],
+                   "attack_descriptions": {s.name: s.describe() for s in evaluation.specs},
+                   "norm": evaluation.specs[0].norm, "eps": list(evaluation.eps),
+                   "robust_examples": (len(dataset.test) if evaluation.max_examples == 0
+                                       else min(evaluation.max_examples, len(dataset.test)))},
+      "preview": str(preview.name) if preview else None,
+      "devices": mesh.devices.size,
+      "backend": jax.default_backend(),
+      "wall_seconds": time.perf_counter() - wall_start,
+      "config": current,
+  }
+  if workdir_lib.is_writer():
+    study_report.plot_accuracy_vs_compression(results, workdir / "accuracy_vs_compression.png")
+    study_report.plot_large_vs_small(results, workdir / "large_vs_small.png")
+    workdir_lib.write_text_atomic(workdir / "report.md", study_report.study_markdown(results))
+  workdir_lib.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, current)
+  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
+  logging.info("Done: %s; results in %s", study_report.summary_line(results),
+               workdir / workdir_lib.RESULTS_FILE)
+  return results
+

@@ -1,0 +1,38 @@
+"""The compression study (arXiv 2401.12014) on Fashion-MNIST (real 28x28 images, offline), CPU.
+
+    sudo apt-get install dataset-fashion-mnist
+    python main.py --config configs/compression_fashion_mnist.py --workdir runs/study_fm
+
+Small CNN at width 1 (468k params) and 0.5 (~120k), each trained 2 epochs, compressed by L1
+filter pruning (50%, 75% of filters), magnitude pruning (50%, 90% of weights), distillation into a
+half-width student and 8/4-bit PTQ; fine-tuning one epoch. Shift: 12 corruptions x 5 severities
+on 1,000 test images; PGD and APGD-CE on 500.
+"""
+import ml_collections
+
+from configs import compression_digits, fashion_mnist
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = compression_digits.get_config()
+  base = fashion_mnist.get_config()
+  config.data = base.data
+  config.model.dropout = base.model.dropout
+  config.train = base.train
+  config.train.epochs = 2
+  config.cpu_devices = 2
+
+  config.adapt.epochs = 1
+  config.adapt.batch_size = 128
+  config.adapt.learning_rate = 0.005
+  config.adapt.log_every_steps = 100
+  config.distill.epochs = 2
+  config.distill.batch_size = 128
+  config.distill.log_every_steps = 100
+
+  config.shift.max_examples = 1000
+  config.evaluate.attacks = "pgd,apgd_ce"
+  config.evaluate.eps = (1 / 255, 4 / 255)
+  config.evaluate.max_examples = 500
+  config.evaluate.batch_size = 500
+  return config
