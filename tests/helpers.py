@@ -30,3 +30,14 @@ def sorted_rows(images: np.ndarray) -> np.ndarray:
   """Images flattened to rows and sorted, to compare sets of images regardless of order."""
   rows = images.reshape(len(images), -1)
   return rows[np.lexsort(rows.T[::-1])]
+
+
+def override(config, **overrides):
+  """Sets dotted config fields, e.g. override(config, **{"study.rates.ptq": (8,)}); returns it."""
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
+  return config

@@ -16,7 +16,7 @@ from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.tasks import adcorda
 from adcorda_jax.training import checkpointing, sharding
 from configs import adcorda_digits
-from tests.helpers import one_line
+from tests.helpers import one_line, override
 
 SEEDS = (0, 1)
 
@@ -35,10 +35,7 @@ def tiny_config(**overrides):
   config.evaluate.batch_size = 32
   config.evaluate.pgd.steps = 3
   config.evaluate.apgd.steps = 3
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.study import compress, findings
 from adcorda_jax.study.shift_eval import build_shifted_sets, read_shift_settings, shift_accuracy
 from configs import compression_digits
-from tests.helpers import one_line
+from tests.helpers import one_line, override
 
 CORRUPTIONS = "gaussian_noise,contrast,pixelate"
 
@@ -35,13 +35,7 @@ def tiny_config(**overrides):
   config.evaluate.max_examples = 64
   config.evaluate.eps = (0.05,)
   config.evaluate.pgd.steps = 3
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[field] = value
-  return config
+  return override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.quant.export import model_size_bytes
 from adcorda_jax.training import checkpointing, trainer
 from configs import quantize_digits
-from tests.helpers import one_line
+from tests.helpers import one_line, override
 from tests.test_adcorda_task import tiny_config as tiny_adcorda_config
 
 # The digits baseline of configs/adcorda_digits.py; its 8-bit PTQ loses at most this much
@@ -34,13 +34,7 @@ def tiny_quantize_config(baseline, **overrides):
   config.evaluate.max_examples = 64
   config.evaluate.batch_size = 32
   config.evaluate.pgd.steps = 3
-  for key, value in overrides.items():
-    *sections, field = key.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[field] = value
-  return config
+  return override(config, **overrides)
 
 
 @pytest.fixture(scope="module")

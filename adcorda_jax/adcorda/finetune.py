@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -26,21 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from adcorda_jax import config_checks
 from adcorda_jax.adcorda.alignment import AlignmentLoss, alignment_loss
-from adcorda_jax.errors import ConfigError, TrainingError
-from adcorda_jax.progress import Progress
-from adcorda_jax.reporting import metrics_log
-from adcorda_jax.training import (
-  batches,
-  checkpointing,
-  optim,
-  sharding,
-  steps,
-  trainable,
-)
+from adcorda_jax.errors import ConfigError
+from adcorda_jax.training import batches, optim, resumable, sharding, steps, trainable
 
 PREFIX = "adapt"
 BATCH_NORM_MODES = ("train", "frozen")
@@ -155,19 +144,6 @@ class FinetuneResult:
   final_metrics: dict[str, float]
 
 
-def _check_finite(metrics: dict[str, float], step: int, directory: Path) -> None:
-  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
-    return
-  raise TrainingError(f"fine-tuning in {str(directory)!r} diverged at step {step} "
-                      f"(loss={metrics.get('loss')}); lower {PREFIX}.learning_rate or "
-                      f"{PREFIX}.lambda_")
-
-
-def _mean(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-
-
 class Finetuner:
   """Fine-tuning runs sharing one compiled step: one per (settings, budget, with/without target).
 
@@ -218,60 +194,37 @@ class Finetuner:
     """
     if (target is not None) != self.with_target:
       raise ValueError(f"this Finetuner was built with with_target={self.with_target}")
-    settings, mesh, total_steps = self.settings, self.mesh, self.total_steps
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    settings, mesh = self.settings, self.mesh
     replicated = sharding.replicated(mesh)
     variables = jax.device_get(variables)  # Host copies: the step donates (deletes) its input.
     state = jax.device_put(steps.TrainState.create(
         apply_fn=self.apply_fn, params=variables["params"],
         batch_stats=variables.get("batch_stats", {}), tx=self.tx), replicated)
-    checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
-                                              settings.max_checkpoints)
-    if checkpointer.latest_step() is not None:
-      state, _ = checkpointer.restore(state)
-    start_step = int(state.step)
-    log = metrics_log.MetricsLog(directory / "metrics.jsonl")
-    log.truncate_after(start_step)
-    if start_step < total_steps:
-      logging.info("%s: %d steps (%d done) on %d source / %s target examples.", description,
-                   total_steps, start_step, len(source[1]),
-                   len(target[1]) if target is not None else "no")
     rng = jax.device_put(jax.random.key(seed), replicated)
     source_seed = stream_seed(seed, SOURCE_STREAM)
     target_seed = stream_seed(seed, TARGET_STREAM)
-    batch_size = settings.batch_size
-    checkpoint_every = settings.checkpoint_every_steps or self.steps_per_epoch
 
-    def batch(arrays: Arrays, step: int, stream: int) -> dict[str, jax.Array]:
-      indices = batches.train_batch_indices(len(arrays[1]), batch_size, step, stream)
+    def batch(arrays: Arrays, index: int, stream: int) -> dict[str, jax.Array]:
+      indices = batches.train_batch_indices(len(arrays[1]), settings.batch_size, index, stream)
       return sharding.put_batch({"image": arrays[0][indices], "label": arrays[1][indices]}, mesh)
 
-    progress = Progress(total_steps, description, initial=start_step)
-    pending: list[dict[str, jax.Array]] = []
-    last: dict[str, float] = {}
-    try:
-      for step in range(start_step + 1, total_steps + 1):
-        target_batch = batch(target, step - 1, target_seed) if target is not None else None
-        state, metrics = self.step_fn(state, batch(source, step - 1, source_seed), target_batch,
-                                      rng)
-        pending.append(metrics)
-        save_now = step % checkpoint_every == 0 or step == total_steps
-        if step % settings.log_every_steps == 0 or save_now:
-          last = _mean(pending)
-          pending = []
-          _check_finite(last, step, directory)
-          del last["params_finite"]
-          log.write({"step": step, "epoch": step / self.steps_per_epoch, **last})
-          progress.update(0, loss=last["loss"], accuracy=last["accuracy"])
-        if save_now:
-          checkpointer.save(step, state, meta)
-        progress.update(1)
-        if step_callback is not None:
-          step_callback(step, state)
-    finally:
-      progress.close()
-      checkpointer.close()
+    def step(state: steps.TrainState, index: int):
+      target_batch = batch(target, index, target_seed) if target is not None else None
+      return self.step_fn(state, batch(source, index, source_seed), target_batch, rng)
+
+    loop = resumable.LoopSettings(
+        total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+        log_every_steps=settings.log_every_steps,
+        checkpoint_every_steps=settings.checkpoint_every_steps,
+        max_checkpoints=settings.max_checkpoints,
+        divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.lambda_")
+    result = resumable.run_resumable(
+        state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
+        what="fine-tuning", step_callback=step_callback,
+        start_message=f"on {len(source[1])} source / "
+                      f"{len(target[1]) if target is not None else 'no'} target examples")
+    state = result.state
     return FinetuneResult(
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}),
-        steps=total_steps, resumed_from_step=start_step, final_metrics=last)
+        steps=self.total_steps, resumed_from_step=result.resumed_from_step,
+        final_metrics=result.final_metrics)

@@ -63,6 +63,7 @@ class Settings:
   eval_batch_size: int
   max_examples: int
   quant: Quantization | None
+  evaluation: Evaluation
 
 
 def _section(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -106,7 +107,7 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
       correct_batch_size=config_checks.positive_int(correct, "batch_size", "correct",
                                                     default=256),
       adapt=finetune.read_adapt_settings(config),
-      eval_specs=evaluation.specs, eval_eps=evaluation.eps,
+      evaluation=evaluation, eval_specs=evaluation.specs, eval_eps=evaluation.eps,
       eval_batch_size=evaluation.batch_size, max_examples=evaluation.max_examples,
       quant=_weight_quantization(config))
 

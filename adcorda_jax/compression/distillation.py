@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,13 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from adcorda_jax import config_checks
-from adcorda_jax.errors import ConfigError, TrainingError
-from adcorda_jax.progress import Progress
-from adcorda_jax.reporting import metrics_log
-from adcorda_jax.training import batches, checkpointing, optim, sharding, steps
+from adcorda_jax.errors import ConfigError
+from adcorda_jax.training import batches, optim, resumable, sharding, steps
 
 PREFIX = "distill"
 PROJECTION_STREAM = 1  # fold_in index of the projection's init key (dropout uses the run key).
@@ -191,19 +187,6 @@ class DistillResult:
   final_metrics: dict[str, float]
 
 
-def _check_finite(metrics: dict[str, float], step: int, directory: Path) -> None:
-  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
-    return
-  raise TrainingError(f"distillation in {str(directory)!r} diverged at step {step} "
-                      f"(loss={metrics.get('loss')}); lower {PREFIX}.learning_rate or "
-                      f"{PREFIX}.beta")
-
-
-def _mean(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-
-
 def _feature_dim(model: nn.Module, variables: Any, images: np.ndarray) -> int:
   """Width of the model's penultimate features (shape inference only, no compute)."""
   _, features = jax.eval_shape(
@@ -258,55 +241,31 @@ class Distiller:
       meta: saved with each checkpoint (the *student's* model metadata, for `load_checkpoint`).
       step_callback: `step_callback(step, state)` after each step (tests).
     """
-    settings, mesh, total_steps = self.settings, self.mesh, self.total_steps
+    settings, mesh = self.settings, self.mesh
     images, labels = data
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     replicated = sharding.replicated(mesh)
     student_variables = jax.device_get(student_variables)  # The step donates its input state.
     state = jax.device_put(self._initial_state(student_variables, images, seed), replicated)
-    checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
-                                              settings.max_checkpoints)
-    if checkpointer.latest_step() is not None:
-      state, _ = checkpointer.restore(state)
-    start_step = int(state.step)
-    log = metrics_log.MetricsLog(directory / "metrics.jsonl")
-    log.truncate_after(start_step)
-    if start_step < total_steps:
-      logging.info("%s: %d steps (%d done) on %d examples, alpha=%g T=%g beta=%g.", description,
-                   total_steps, start_step, len(labels), settings.alpha, settings.temperature,
-                   settings.beta)
     rng = jax.device_put(jax.random.key(seed), replicated)
-    checkpoint_every = settings.checkpoint_every_steps or self.steps_per_epoch
 
-    def batch(step: int) -> dict[str, jax.Array]:
-      indices = batches.train_batch_indices(len(labels), settings.batch_size, step, seed)
-      return sharding.put_batch({"image": images[indices], "label": labels[indices]}, mesh)
+    def step(state: DistillState, index: int):
+      indices = batches.train_batch_indices(len(labels), settings.batch_size, index, seed)
+      batch = sharding.put_batch({"image": images[indices], "label": labels[indices]}, mesh)
+      return self.step_fn(state, batch, rng, teacher_variables=self.teacher_variables)
 
-    progress = Progress(total_steps, description, initial=start_step)
-    pending: list[dict[str, jax.Array]] = []
-    last: dict[str, float] = {}
-    try:
-      for step in range(start_step + 1, total_steps + 1):
-        state, metrics = self.step_fn(state, batch(step - 1), rng,
-                                      teacher_variables=self.teacher_variables)
-        pending.append(metrics)
-        save_now = step % checkpoint_every == 0 or step == total_steps
-        if step % settings.log_every_steps == 0 or save_now:
-          last = _mean(pending)
-          pending = []
-          _check_finite(last, step, directory)
-          del last["params_finite"]
-          log.write({"step": step, "epoch": step / self.steps_per_epoch, **last})
-          progress.update(0, loss=last["loss"], agreement=last["agreement"])
-        if save_now:
-          checkpointer.save(step, state, meta)
-        progress.update(1)
-        if step_callback is not None:
-          step_callback(step, state)
-    finally:
-      progress.close()
-      checkpointer.close()
+    loop = resumable.LoopSettings(
+        total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+        log_every_steps=settings.log_every_steps,
+        checkpoint_every_steps=settings.checkpoint_every_steps,
+        max_checkpoints=settings.max_checkpoints,
+        divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.beta")
+    result = resumable.run_resumable(
+        state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
+        what="distillation", progress_keys=("loss", "agreement"), step_callback=step_callback,
+        start_message=f"on {len(labels)} examples, alpha={settings.alpha:g} "
+                      f"T={settings.temperature:g} beta={settings.beta:g}")
+    state = result.state
     return DistillResult(
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}),
-        steps=total_steps, resumed_from_step=start_step, final_metrics=last)
+        steps=self.total_steps, resumed_from_step=result.resumed_from_step,
+        final_metrics=result.final_metrics)

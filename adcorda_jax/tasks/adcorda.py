@@ -41,13 +41,11 @@ from adcorda_jax.adcorda import correction_set, finetune, stages
 from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import AttackSpec
-from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant.deploy import Quantization
 from adcorda_jax.quant.export import model_size_bytes
 from adcorda_jax.reporting import adcorda_report
-from adcorda_jax.tasks import model_evaluation
-from adcorda_jax.tasks.robustness import check_data_matches, training_data
+from adcorda_jax.tasks import common, model_evaluation
 from adcorda_jax.training import batches, checkpointing, sharding
 
 VARIANTS = ("baseline", "corrected_ce", "same_budget_finetune", "adcorda")
@@ -111,25 +109,18 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
   wall_start = time.perf_counter()
   workdir = workdir_lib.prepare(workdir)
   settings = stages.read_settings(config)
-  finished = workdir_lib.finished_results(workdir)
-  current = workdir_lib.config_to_dict(config)
-  if finished is not None and not workdir_lib.config_differences(
-      finished.get("config", {}), current, ignore=stages.RESUMABLE_KEYS):
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
+  finished, current = common.finished_run(config, workdir)
+  if finished is not None:
     return finished
   seed = config.get("seed", 0)
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise ConfigError(f"seed must be an integer, got {seed!r}")
 
   # --- Stage 1: baseline. ---
-  checkpoint, base_fingerprint = stages.ensure_baseline(
-      config, settings.baseline_checkpoint, "adcorda.baseline_checkpoint", workdir)
-  variables, meta = checkpointing.load_checkpoint(checkpoint)
-  model = checkpointing.model_from_meta(meta)
-  data_config, data_seed, data_source = training_data(checkpoint, meta, "")
-  dataset = load_dataset(data_config, data_seed)
-  check_data_matches(dataset, meta, checkpoint)
-  base_fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)
+  baseline = common.load_baseline(config, settings.baseline_checkpoint,
+                                  "adcorda.baseline_checkpoint", workdir)
+  checkpoint, variables, meta = baseline.checkpoint, baseline.variables, baseline.meta
+  model, dataset, base_fingerprint = baseline.model, baseline.dataset, baseline.fingerprint
   mesh = sharding.make_mesh()
   predict = model_evaluation.make_predictor(model.apply, settings.eval_batch_size, mesh)
   train_images, train_labels = dataset.train.images, dataset.train.labels
@@ -173,11 +164,11 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        "correct.arrays_sha1": stages.tree_digest(
                            {"images": corrected.images, "labels": corrected.labels}),
                        **stages.config_fingerprint(config, ("adapt",))}
-  common = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+  shared = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 num_classes=dataset.num_classes,
                 apply_fn=quant.qat_apply_fn(model) if quant else None)
-  ce_only = finetune.Finetuner(model, variables["params"], adapt, with_target=False, **common)
-  aligned = finetune.Finetuner(model, variables["params"], adapt, with_target=True, **common)
+  ce_only = finetune.Finetuner(model, variables["params"], adapt, with_target=False, **shared)
+  aligned = finetune.Finetuner(model, variables["params"], adapt, with_target=True, **shared)
   original, fixed = (train_images, train_labels), (corrected.images, corrected.labels)
   sources = {"corrected_ce": (fixed, None, ce_only),
              "same_budget_finetune": (original, None, ce_only),
@@ -227,7 +218,7 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       "dataset": dataset.name,
       "model": meta["model"]["name"],
       "baseline_checkpoint": str(checkpoint),
-      "data_source": data_source,
+      "data_source": baseline.data_source,
       "num_train": len(train_labels),
       "num_test": len(dataset.test),
       "seeds": list(settings.seeds),
@@ -237,28 +228,21 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       "adapt": {"steps": total_steps, "steps_per_epoch": steps_per_epoch,
                 "alignment": adapt.alignment, "lambda_": adapt.lambda_,
                 "batch_norm": adapt.batch_norm, "trainable": adapt.trainable},
-      "evaluate": {"attacks": [s.name for s in settings.eval_specs],
-                   "attack_descriptions": {s.name: s.describe() for s in settings.eval_specs},
-                   "norm": settings.eval_specs[0].norm, "eps": list(settings.eval_eps),
-                   "robust_examples": count},
+      "evaluate": common.evaluation_summary(settings.evaluation, count),
       "quantization": _quantization_summary(quant, variables["params"], summaries),
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
       "config": current,
   }
-  if workdir_lib.is_writer():
-    changed = corrected.changed[:settings.plot_examples] if settings.plot_examples else []
-    if len(changed):
-      adcorda_report.plot_corrections(
-          train_images[changed], _corrected_rows(corrected, changed), train_labels[changed],
-          base_prediction[changed], settings.correct_eps, workdir / "corrections.png")
-    adcorda_report.plot_accuracy(results, workdir / "accuracy.png")
-    workdir_lib.write_text_atomic(workdir / "report.md", adcorda_report.adcorda_markdown(results))
-  workdir_lib.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, current)
-  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
-  logging.info("Done: %s; results in %s", adcorda_report.summary_line(results),
-               workdir / workdir_lib.RESULTS_FILE)
+  changed = corrected.changed[:settings.plot_examples] if settings.plot_examples else []
+  plots = [lambda: adcorda_report.plot_accuracy(results, workdir / "accuracy.png")]
+  if len(changed):
+    plots.append(lambda: adcorda_report.plot_corrections(
+        train_images[changed], _corrected_rows(corrected, changed), train_labels[changed],
+        base_prediction[changed], settings.correct_eps, workdir / "corrections.png"))
+  common.save_results(workdir, results, markdown=adcorda_report.adcorda_markdown(results),
+                      summary=adcorda_report.summary_line(results), plots=plots)
   return results
 
 

@@ -36,7 +36,7 @@ from adcorda_jax.study.compress import Compressed, Compressor, network_stats
 from adcorda_jax.study.grid import Cell, Network, StudySettings, read_study_settings
 from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_shift_settings,
                                           shift_accuracy)
-from adcorda_jax.tasks import model_evaluation
+from adcorda_jax.tasks import common, model_evaluation
 from adcorda_jax.training import checkpointing, sharding
 
 
@@ -145,11 +145,8 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
   adapt = finetune.read_adapt_settings(config)
   distill = read_distill_settings(config) if "distillation" in settings.methods else None
   quant_template = _quant_template(config)
-  finished = workdir_lib.finished_results(workdir)
-  current = workdir_lib.config_to_dict(config)
-  if finished is not None and not workdir_lib.config_differences(
-      finished.get("config", {}), current, ignore=stages.RESUMABLE_KEYS):
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
+  finished, current = common.finished_run(config, workdir)
+  if finished is not None:
     return finished
   seed = config.get("seed", 0)
   dataset = load_dataset(config.data, seed)
@@ -210,24 +207,20 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                 "severities": list(shift_settings.severities),
                 "corrupted_examples": int(len(sets.corrupted_labels)),
                 "domains": list(sets.domains)},
-      "evaluate": {"attacks": [s.name for s in evaluation.specs],
-                   "attack_descriptions": {s.name: s.describe() for s in evaluation.specs},
-                   "norm": evaluation.specs[0].norm, "eps": list(evaluation.eps),
-                   "robust_examples": (len(dataset.test) if evaluation.max_examples == 0
-                                       else min(evaluation.max_examples, len(dataset.test)))},
+      "evaluate": common.evaluation_summary(evaluation, (
+          len(dataset.test) if evaluation.max_examples == 0
+          else min(evaluation.max_examples, len(dataset.test)))),
       "preview": str(preview.name) if preview else None,
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
       "config": current,
   }
-  if workdir_lib.is_writer():
-    study_report.plot_accuracy_vs_compression(results, workdir / "accuracy_vs_compression.png")
-    study_report.plot_large_vs_small(results, workdir / "large_vs_small.png")
-    workdir_lib.write_text_atomic(workdir / "report.md", study_report.study_markdown(results))
-  workdir_lib.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, current)
-  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
-  logging.info("Done: %s; results in %s", study_report.summary_line(results),
-               workdir / workdir_lib.RESULTS_FILE)
+  common.save_results(
+      workdir, results, markdown=study_report.study_markdown(results),
+      summary=study_report.summary_line(results),
+      plots=[lambda: study_report.plot_accuracy_vs_compression(
+                 results, workdir / "accuracy_vs_compression.png"),
+             lambda: study_report.plot_large_vs_small(results, workdir / "large_vs_small.png")])
   return results
 

@@ -34,7 +34,7 @@ from absl import logging
 from adcorda_jax import config_checks
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.adcorda import finetune, stages
-from adcorda_jax.data import Dataset, load_dataset
+from adcorda_jax.data import Dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant import calibration, export
 from adcorda_jax.quant.deploy import PREFIX as QUANT_PREFIX
@@ -43,9 +43,8 @@ from adcorda_jax.quant.fake_quant import WEIGHT_BITS, QuantSpec
 from adcorda_jax.quant.quantized_model import (fake_quantize_params, quantized_apply_fn,
                                                quantized_logits_fn)
 from adcorda_jax.reporting import quantize_report
-from adcorda_jax.tasks import model_evaluation
-from adcorda_jax.tasks.robustness import check_data_matches, training_data
-from adcorda_jax.training import batches, checkpointing, sharding
+from adcorda_jax.tasks import common, model_evaluation
+from adcorda_jax.training import batches, sharding
 
 GRANULARITIES = ("per_tensor", "per_channel")
 
@@ -160,22 +159,14 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
   settings = read_quantize_settings(config)
   evaluation = stages.read_evaluation(config)
   adapt = finetune.read_adapt_settings(config) if settings.qat_bits else None
-  finished = workdir_lib.finished_results(workdir)
-  current = workdir_lib.config_to_dict(config)
-  if finished is not None and not workdir_lib.config_differences(
-      finished.get("config", {}), current, ignore=stages.RESUMABLE_KEYS):
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
+  finished, current = common.finished_run(config, workdir)
+  if finished is not None:
     return finished
   seed = config.get("seed", 0)
 
-  checkpoint, base_fingerprint = stages.ensure_baseline(config, settings.checkpoint,
-                                                        "quantize.checkpoint", workdir)
-  variables, meta = checkpointing.load_checkpoint(checkpoint)
-  model = checkpointing.model_from_meta(meta)
-  data_config, data_seed, data_source = training_data(checkpoint, meta, "")
-  dataset = load_dataset(data_config, data_seed)
-  check_data_matches(dataset, meta, checkpoint)
-  base_fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)
+  baseline = common.load_baseline(config, settings.checkpoint, "quantize.checkpoint", workdir)
+  variables, meta, model = baseline.variables, baseline.meta, baseline.model
+  dataset, base_fingerprint = baseline.dataset, baseline.fingerprint
   mesh = sharding.make_mesh()
   evaluator = model_evaluation.Evaluator(
       dataset, model, model_evaluation.make_predictor(model.apply, evaluation.batch_size, mesh),
@@ -260,8 +251,8 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
       "task": config.get("task", "quantize"),
       "dataset": dataset.name,
       "model": meta["model"]["name"],
-      "baseline_checkpoint": str(checkpoint),
-      "data_source": data_source,
+      "baseline_checkpoint": str(baseline.checkpoint),
+      "data_source": baseline.data_source,
       "seeds": list(settings.seeds),
       "variant_order": list(variants),
       "variants": variants,
@@ -272,20 +263,15 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
                                            if settings.template.activation_spec else 0),
                        "attack_gradient": settings.template.attack_gradient,
                        "float_size_bytes": float_bytes},
-      "evaluate": {"attacks": [s.name for s in evaluation.specs],
-                   "attack_descriptions": {s.name: s.describe() for s in evaluation.specs},
-                   "norm": evaluation.specs[0].norm, "eps": list(evaluation.eps),
-                   "robust_examples": evaluator.robust_examples},
+      "evaluate": common.evaluation_summary(evaluation, evaluator.robust_examples),
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
       "config": current,
   }
-  if workdir_lib.is_writer():
-    quantize_report.plot_accuracy_vs_bits(results, workdir / "accuracy_vs_bits.png")
-    workdir_lib.write_text_atomic(workdir / "report.md", quantize_report.quantize_markdown(results))
-  workdir_lib.write_json_atomic(workdir / workdir_lib.CONFIG_FILE, current)
-  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
-  logging.info("Done: %s; results in %s", quantize_report.summary_line(results),
-               workdir / workdir_lib.RESULTS_FILE)
+  common.save_results(
+      workdir, results, markdown=quantize_report.quantize_markdown(results),
+      summary=quantize_report.summary_line(results),
+      plots=[lambda: quantize_report.plot_accuracy_vs_bits(results,
+                                                           workdir / "accuracy_vs_bits.png")])
   return results

@@ -1,0 +1,108 @@
+"""The resumable step loop shared by fine-tuning (AdCorDA, QAT, pruning) and distillation.
+
+Restores the latest orbax checkpoint in `<directory>/checkpoints` (or starts at step 0), runs the
+remaining steps, logs averaged metrics to `metrics.jsonl` and the progress line, stops with a
+one-line TrainingError naming the step when the loss or the parameters stop being finite, and
+checkpoints every `checkpoint_every` steps and at the end. A run's batches are pure functions of
+the step, so a resumed run follows exactly the trajectory of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from adcorda_jax.errors import TrainingError
+from adcorda_jax.progress import Progress
+from adcorda_jax.reporting import metrics_log
+from adcorda_jax.training import checkpointing
+
+# (state, step index from 0) -> (new state, metrics incl. `loss` and `params_finite`).
+StepFn = Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]
+StepCallback = Callable[[int, Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """How long a run is and how often it logs and checkpoints."""
+  total_steps: int
+  steps_per_epoch: int
+  log_every_steps: int
+  checkpoint_every_steps: int  # 0 = once per epoch.
+  max_checkpoints: int
+  divergence_hint: str         # What to lower when the loss diverges, e.g. "adapt.learning_rate".
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+  state: Any
+  resumed_from_step: int
+  final_metrics: dict[str, float]
+
+
+def mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Averages a list of per-step metric dicts on the host."""
+  stacked = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(metrics: dict[str, float], step: int, directory: Path, what: str,
+                  hint: str) -> None:
+  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
+    return
+  raise TrainingError(f"{what} in {str(directory)!r} diverged at step {step} "
+                      f"(loss={metrics.get('loss')}); lower {hint}")
+
+
+def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory: Path,
+                  meta: dict[str, Any], description: str, what: str,
+                  progress_keys: tuple[str, ...] = ("loss", "accuracy"),
+                  start_message: str = "", step_callback: StepCallback | None = None
+                  ) -> LoopResult:
+  """Runs `step_fn` from the latest checkpoint in `directory` to `loop.total_steps`.
+
+  `state` is the initial (replicated) train state; `meta` is saved with every checkpoint;
+  `start_message` is logged with the step counts when there is work left.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
+                                            loop.max_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(state)
+  start_step = int(state.step)
+  log = metrics_log.MetricsLog(directory / "metrics.jsonl")
+  log.truncate_after(start_step)
+  total_steps = loop.total_steps
+  if start_step < total_steps:
+    logging.info("%s: %d steps (%d done)%s.", description, total_steps, start_step,
+                 f" {start_message}" if start_message else "")
+  checkpoint_every = loop.checkpoint_every_steps or loop.steps_per_epoch
+  progress = Progress(total_steps, description, initial=start_step)
+  pending: list[dict[str, jax.Array]] = []
+  last: dict[str, float] = {}
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = step_fn(state, step - 1)
+      pending.append(metrics)
+      save_now = step % checkpoint_every == 0 or step == total_steps
+      if step % loop.log_every_steps == 0 or save_now:
+        last = mean_metrics(pending)
+        pending = []
+        _check_finite(last, step, directory, what, loop.divergence_hint)
+        del last["params_finite"]
+        log.write({"step": step, "epoch": step / loop.steps_per_epoch, **last})
+        progress.update(0, **{key: last[key] for key in progress_keys if key in last})
+      if save_now:
+        checkpointer.save(step, state, meta)
+      progress.update(1)
+      if step_callback is not None:
+        step_callback(step, state)
+  finally:
+    progress.close()
+    checkpointer.close()
+  return LoopResult(state=state, resumed_from_step=start_step, final_metrics=last)
