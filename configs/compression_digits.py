@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   study.rates.distillation = (0.5,)            # Student width / teacher width.
   study.rates.ptq = (8, 4)                     # Weight bits (per-channel, model.quant grid).
   study.magnitude_scope = "global"             # global or layer.
+  study.magnitude_schedule = "one_shot"        # one_shot, or gradual (polynomial, Zhu & Gupta).
   study.seeds = (0,)                           # Fine-tuning / distillation seeds per cell.
   study.plot_corruptions = True                # corruptions.png: every corruption x severity.
 

@@ -180,3 +180,15 @@ def test_domains_are_scored_on_all_their_images_and_must_share_classes(tmp_path)
   with pytest.raises(ConfigError) as error:
     build_shifted_sets(read_shift_settings(config, 1), dataset, jax.random.key(0), 0)
   assert "shift.domains.two_classes: 2 classes" in one_line(error)
+
+
+def test_gradual_magnitude_pruning_reaches_its_sparsity(tmp_path):
+  config = tiny_config(**{"study.networks": ("small_cnn:0.5",),
+                          "study.methods": "magnitude_pruning",
+                          "study.magnitude_schedule": "gradual", "adapt.epochs": 2,
+                          "study.rates.magnitude_pruning": (0.7,)})
+  results = tasks.run_task(config, tmp_path)
+  cell, = results["cells"]
+  assert cell["details"]["sparsity"] == pytest.approx(0.7, abs=0.01)
+  # One network only: finding 2 cannot be tested, and no distillation/PTQ cells for 3 and 4.
+  assert [f["held"] for f in results["findings"]][1:] == [None, None, None]

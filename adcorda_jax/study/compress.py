@@ -3,7 +3,8 @@
 * `filter_pruning` (Li et al. 2017): the lowest-L1 `rate` of each prunable layer's filters are
   removed (a physically smaller model), then fine-tuned with the `adapt` recipe.
 * `magnitude_pruning`: the smallest-magnitude `rate` of kernel weights (global or per layer) are
-  zeroed; fine-tuning keeps them zero (masks in the optimizer).
+  zeroed, at once (`one_shot`) or on Zhu & Gupta's polynomial schedule over the first 75% of
+  fine-tuning (`gradual`); masks in the optimizer keep them zero.
 * `distillation` (Hinton et al. 2015): a student of `rate` x the teacher's width is trained from
   scratch on the teacher's soft targets with the `distill` recipe.
 * `ptq`: post-training weight quantization at `rate` bits (per-channel, `model.quant` grid).
@@ -23,7 +24,7 @@ import ml_collections
 from adcorda_jax.adcorda import finetune
 from adcorda_jax.compression import (apply_masks, flops_per_example, l1_filter_prune,
                                      magnitude_masks, masked_optimizer, nonzero_parameters,
-                                     size_bytes, sparsity_report)
+                                     pruning_optimizer, size_bytes, sparsity_report)
 from adcorda_jax.compression.distillation import DistillSettings, Distiller
 from adcorda_jax.data import Dataset
 from adcorda_jax.models import count_params, create_model
@@ -59,6 +60,7 @@ class Compressor:
   distill: DistillSettings | None
   quant_template: Quantization
   magnitude_scope: str
+  magnitude_schedule: str = "one_shot"
 
   def _build(self, model_config: dict[str, Any]) -> nn.Module:
     data = self.dataset
@@ -67,12 +69,15 @@ class Compressor:
 
   def _finetune(self, model: nn.Module, variables: dict[str, Any], cell: Cell, directory: Path,
                 meta: dict[str, Any], wrap_optimizer: Any = None) -> dict[str, Any]:
+    """Fine-tunes with `adapt`; `wrap_optimizer(tx, total_steps)` wraps its optimizer."""
     train = self.dataset.train
     steps_per_epoch = batches.steps_per_epoch(len(train), self.adapt.batch_size)
+    total_steps = self.adapt.epochs * steps_per_epoch
     runner = finetune.Finetuner(
-        model, variables["params"], self.adapt, total_steps=self.adapt.epochs * steps_per_epoch,
+        model, variables["params"], self.adapt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, num_classes=self.dataset.num_classes,
-        with_target=False, wrap_optimizer=wrap_optimizer)
+        with_target=False, wrap_optimizer=(
+            None if wrap_optimizer is None else lambda tx: wrap_optimizer(tx, total_steps)))
     result = runner.run(variables, (train.images, train.labels), None, seed=cell.seed,
                         directory=directory, meta=meta,
                         description=f"{cell.network.label} {cell.name} seed {cell.seed}")
@@ -96,10 +101,17 @@ class Compressor:
       return Compressed(pruned_model, tuned, pruned_config, size_bytes(tuned["params"]),
                         {"channels": list(pruned_config["channels"])})
     if method == "magnitude_pruning":
-      masks = magnitude_masks(variables["params"], rate, self.magnitude_scope)
-      start = {**variables, "params": apply_masks(variables["params"], masks)}
+      if self.magnitude_schedule == "gradual":
+        start = variables
+        wrap = lambda tx, total: pruning_optimizer(  # noqa: E731
+            tx, final_sparsity=rate, end_step=max(1, int(0.75 * total)),
+            update_every=max(1, total // 20), scope=self.magnitude_scope)
+      else:
+        masks = magnitude_masks(variables["params"], rate, self.magnitude_scope)
+        start = {**variables, "params": apply_masks(variables["params"], masks)}
+        wrap = lambda tx, total: masked_optimizer(tx, masks)  # noqa: E731
       tuned = self._finetune(model, start, cell, directory / "finetune", meta,
-                             wrap_optimizer=lambda tx: masked_optimizer(tx, masks))
+                             wrap_optimizer=wrap)
       report = sparsity_report(tuned["params"])
       return Compressed(model, tuned, model_config, size_bytes(tuned["params"], sparse=True),
                         {"sparsity": report["total"]["sparsity"], "per_layer": report})

@@ -25,6 +25,7 @@ from adcorda_jax.quant.fake_quant import WEIGHT_BITS
 METHODS = ("filter_pruning", "magnitude_pruning", "distillation", "ptq")
 PRUNING = ("filter_pruning", "magnitude_pruning")
 MAGNITUDE_SCOPES = ("global", "layer")
+MAGNITUDE_SCHEDULES = ("one_shot", "gradual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class StudySettings:
   rates: dict[str, tuple[float, ...]]
   seeds: tuple[int, ...]
   magnitude_scope: str
+  magnitude_schedule: str
   plot_corruptions: bool
 
   def cells(self) -> list[Cell]:
@@ -145,4 +147,6 @@ def read_study_settings(config: ml_collections.ConfigDict) -> StudySettings:
       seeds=tuple(seeds),
       magnitude_scope=config_checks.one_of(section, "magnitude_scope", "study", MAGNITUDE_SCOPES,
                                            default="global"),
+      magnitude_schedule=config_checks.one_of(section, "magnitude_schedule", "study",
+                                              MAGNITUDE_SCHEDULES, default="one_shot"),
       plot_corruptions=bool(section.get("plot_corruptions", True)))

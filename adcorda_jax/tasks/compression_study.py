@@ -116,8 +116,11 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
   """Compresses, fine-tunes and evaluates one cell, or loads its finished result."""
   directory = study.workdir / "cells" / cell.path
   keys = ("train", "adapt", "model") + (("distill",) if cell.method == "distillation" else ())
-  fingerprint = {**original["fingerprint"], "study.magnitude_scope":
-                 study.settings.magnitude_scope if cell.method == "magnitude_pruning" else None,
+  magnitude = cell.method == "magnitude_pruning"
+  fingerprint = {**original["fingerprint"],
+                 "study.magnitude_scope": study.settings.magnitude_scope if magnitude else None,
+                 **({"study.magnitude_schedule": study.settings.magnitude_schedule}
+                    if magnitude and study.settings.magnitude_schedule != "one_shot" else {}),
                  "cell": cell.path, **stages.config_fingerprint(study.config, keys)}
   stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
   done = stages.load_done(directory)
@@ -174,7 +177,8 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                                 "model_config": meta["model"], "fingerprint": fingerprint,
                                 "evaluation": evaluation_result, "stats": stats}
 
-  compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope)
+  compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope,
+                          settings.magnitude_schedule)
   by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
   for cell in settings.cells():
     result = _run_cell(study, compressor, cell, originals[cell.network.label])
