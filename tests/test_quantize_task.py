@@ -13,6 +13,7 @@ from adcorda_jax.adcorda import finetune, stages
 from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant.deploy import quantization_from_config
+from adcorda_jax.quant import export
 from adcorda_jax.quant.export import model_size_bytes
 from adcorda_jax.training import checkpointing, trainer
 from configs import quantize_digits
@@ -89,6 +90,29 @@ def test_exported_integer_models_match_fake_quantization(quantized):
       continue
     assert variant["export_matches"], name
     assert variant["exported_test_accuracy"] == variant["test_accuracy"], name
+
+
+def test_exported_file_alone_rebuilds_the_quantized_model(quantized, baseline):
+  workdir, results = quantized
+  _, meta = checkpointing.load_checkpoint(baseline)
+  model = checkpointing.model_from_meta(meta)
+  loaded = export.load_exported(workdir / "exported" / "ptq_w2_per_channel.npz")
+  assert loaded["bits"] == 2 and loaded["batch_stats"]
+  variables = {"params": export.import_integer_weights(loaded),
+               "batch_stats": loaded["batch_stats"]}
+  dataset = load_dataset(tiny_quantize_config(baseline).data, 0)
+  accuracy = np.mean(np.argmax(model.apply(variables, dataset.test.images), -1)
+                     == dataset.test.labels)
+  assert accuracy == pytest.approx(results["variants"]["ptq_w2_per_channel"]["test_accuracy"])
+
+
+def test_batch_norm_folding_before_ptq(baseline, tmp_path):
+  config = tiny_quantize_config(baseline, **{
+      "quantize.bits": (8,), "quantize.granularities": ("per_channel",), "quantize.qat_bits": (),
+      "model.quant.fold_batch_norm": True})
+  v = tasks.run_task(config, tmp_path)["variants"]
+  assert v["ptq_w8_per_channel"]["export_matches"]
+  assert v["float"]["test_accuracy"] - v["ptq_w8_per_channel"]["test_accuracy"] <= PTQ8_MAX_LOSS
 
 
 def test_8_bit_ptq_loses_at_most_a_point(quantized):

@@ -145,13 +145,17 @@ def model_size_bytes(params: Any, spec: QuantSpec | None = None) -> int:
 _META_KEY = "__meta__"
 
 
-def save_exported(path: str | os.PathLike, exported: Mapping[str, Any]) -> None:
+def save_exported(path: str | os.PathLike, exported: Mapping[str, Any],
+                  batch_stats: Any = None) -> None:
   """Writes an `export_integer_weights` dict to one .npz file, atomically.
 
   Arrays keep their integer dtypes (`kernels/<path>/values`, `.../scale`, `.../zero_point`,
   `floats/<path>`); bit width, grid kind and kernel shapes go in a JSON `__meta__` entry.
+  `batch_stats` (BatchNorm running statistics, float32) make the file a complete inference model.
   """
   arrays: dict[str, np.ndarray] = {}
+  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(batch_stats or {})[0]:
+    arrays[f"batch_stats/{path_string(leaf_path)}"] = np.asarray(leaf, np.float32)
   shapes = {}
   for key, entry in exported["kernels"].items():
     shapes[key] = list(entry["shape"])
@@ -167,17 +171,23 @@ def save_exported(path: str | os.PathLike, exported: Mapping[str, Any]) -> None:
 
 
 def load_exported(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads a `save_exported` file back into the dict `import_integer_weights` takes."""
+  """Reads a `save_exported` file back into the dict `import_integer_weights` takes.
+
+  BatchNorm statistics saved with it come back nested under `batch_stats`.
+  """
   with np.load(path) as data:
     meta = json.loads(data[_META_KEY].tobytes().decode())
     kernels: dict[str, dict[str, Any]] = {
         key: {"shape": tuple(shape)} for key, shape in meta["shapes"].items()}
-    floats = {}
+    floats, stats = {}, {}
     for name in data.files:
+      if name.startswith("batch_stats/"):
+        stats[name[len("batch_stats/"):]] = data[name]
       if name.startswith("kernels/"):
         key, field = name[len("kernels/"):].rsplit("/", 1)
         kernels[key][field] = data[name]
       elif name.startswith("floats/"):
         floats[name[len("floats/"):]] = data[name]
   return {"bits": meta["bits"], "per_channel": meta["per_channel"],
-          "symmetric": meta["symmetric"], "kernels": kernels, "floats": floats}
+          "symmetric": meta["symmetric"], "kernels": kernels, "floats": floats,
+          "batch_stats": _nest(stats)}

@@ -138,10 +138,13 @@ def _export_and_check(directory: Path, name: str, calibrated: dict[str, Any], sc
   path = directory / f"{name}.npz"
   directory.mkdir(parents=True, exist_ok=True)
   if not path.exists():
-    export.save_exported(path, export.export_integer_weights(calibrated["params"], scales, spec))
-  imported = {**deployed, "params": export.import_integer_weights(export.load_exported(path))}
+    export.save_exported(path, export.export_integer_weights(calibrated["params"], scales, spec),
+                         calibrated.get("batch_stats"))
+  loaded = export.load_exported(path)  # A complete model: nothing below comes from `deployed`.
+  imported = {"params": export.import_integer_weights(loaded),
+              "batch_stats": loaded["batch_stats"]}
   max_difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-      jax.tree.leaves(imported["params"]), jax.tree.leaves(deployed["params"]), strict=True))
+      jax.tree.leaves(imported), jax.tree.leaves(deployed), strict=True))
   exported_prediction = evaluator.predict(imported, images)
   fake_prediction = evaluator.predict(deployed, images)
   return {"exported_path": str(path.relative_to(directory.parent)),
