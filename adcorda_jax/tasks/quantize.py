@@ -137,9 +137,9 @@ def _export_and_check(directory: Path, name: str, calibrated: dict[str, Any], sc
   """
   path = directory / f"{name}.npz"
   directory.mkdir(parents=True, exist_ok=True)
-  if not path.exists():
-    export.save_exported(path, export.export_integer_weights(calibrated["params"], scales, spec),
-                         calibrated.get("batch_stats"))
+  # Written every time (milliseconds): a file is never left over from other settings.
+  export.save_exported(path, export.export_integer_weights(calibrated["params"], scales, spec),
+                       calibrated.get("batch_stats"))
   loaded = export.load_exported(path)  # A complete model: nothing below comes from `deployed`.
   imported = {"params": export.import_integer_weights(loaded),
               "batch_stats": loaded["batch_stats"]}
