@@ -1,4 +1,4 @@
-"""Base config: train the small CNN on scikit-learn's bundled digits (8x8, offline, seconds on a CPU).
+"""Base config: train the small CNN on scikit-learn's bundled digits (8x8, offline, seconds).
 
     python main.py --config configs/train_digits.py --workdir runs/train_digits
 

@@ -181,9 +181,9 @@ def ensure_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, 
                                              workdir_lib.config_to_dict(train_config))
     if changed:
       raise CheckpointError(
-          f"stage {directory.name!r} in {str(directory)!r} was made with a different config (differs "
-          f"at: {shown(changed)}); restore those values, or delete that folder (and the "
-          "later stages' folders) to redo it, or use a new --workdir")
+          f"stage {directory.name!r} in {str(directory)!r} was made with a different config "
+          f"(differs at: {shown(changed)}); restore those values, or delete that folder (and "
+          "the later stages' folders) to redo it, or use a new --workdir")
   trainer.train_and_evaluate(train_config, directory)
   return directory, {key: "", **config_fingerprint(train_config,
                                                    ("seed", "data", "model", "train"))}

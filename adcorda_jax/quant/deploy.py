@@ -1,4 +1,4 @@
-"""`model.quant`: how a float checkpoint becomes the quantized network that tasks evaluate and attack.
+"""`model.quant`: how a float checkpoint becomes the quantized network tasks evaluate and attack.
 
 Quantization is applied to *parameters*, never to the model definition, so every registered model
 and every consumer (evaluation, attacks and their fast input-gradient path, fine-tuning) works

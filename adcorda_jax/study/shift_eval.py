@@ -85,7 +85,7 @@ class ShiftedSets:
 
 def build_shifted_sets(settings: ShiftSettings, dataset: Dataset, key: jax.Array,
                        seed: int) -> ShiftedSets:
-  """Corrupts the first `max_examples` test images at every (corruption, severity); loads domains."""
+  """Corrupts the first `max_examples` test images at each (corruption, severity); loads domains."""
   count = len(dataset.test) if settings.max_examples == 0 else min(settings.max_examples,
                                                                    len(dataset.test))
   images = dataset.test.images[:count]

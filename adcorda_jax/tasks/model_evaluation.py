@@ -111,7 +111,8 @@ class Evaluator:
                                      if prediction is not None else None)
       train_prediction = prediction if name == "train" else train_prediction
     rows = self.misclassified
-    if rows is not None and train_prediction is not None:  # The baseline's training errors: how many does this model fix?
+    # The baseline's training errors: how many does this model fix?
+    if rows is not None and train_prediction is not None:
       outputs["misclassified_fixed"] = (
           float(np.mean(train_prediction[rows] == data.train.labels[rows])) if len(rows)
           else None)

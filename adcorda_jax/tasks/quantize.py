@@ -94,11 +94,15 @@ def read_quantize_settings(config: ml_collections.ConfigDict) -> QuantizeSetting
   quant_config = ml_collections.ConfigDict(
       {**(model_config.get("quant") or {}), "weight_bits": bits[0]})
   template = quantization_from_config(ml_collections.ConfigDict({"quant": quant_config}))
+  qat_bits = _int_tuple(section, "qat_bits", *WEIGHT_BITS, allow_empty=True)
+  if qat_bits and (template.activation_spec is not None or template.fold_batch_norm):
+    raise ConfigError(f"quantize.qat_bits runs weight-only QAT; set {QUANT_PREFIX}."
+                      "activation_bits=0 and fold_batch_norm=False, or quantize.qat_bits=()")
   seeds = section.get("seeds", (0,))
   return QuantizeSettings(
       checkpoint=Path(checkpoint).expanduser().absolute() if checkpoint.strip() else None,
       bits=bits, granularities=tuple(granularities),
-      qat_bits=_int_tuple(section, "qat_bits", *WEIGHT_BITS, allow_empty=True),
+      qat_bits=qat_bits,
       seeds=_int_tuple(ml_collections.ConfigDict({"seeds": seeds}), "seeds", 0, 2**31 - 1,
                        allow_empty=False),
       calibration_examples=config_checks.positive_int(section, "calibration_examples",
@@ -208,7 +212,8 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
                                    deployed, cell, test.images, test.labels)
       if not exported["export_matches"]:
         logging.warning("%s: the exported integer model differs from the fake-quantized one "
-                        "(max weight difference %g).", name, exported["export_max_weight_difference"])
+                        "(max weight difference %g).", name,
+                        exported["export_max_weight_difference"])
       record(name, [outputs], kind="ptq", bits=bits, granularity=granularity,
              calibration=quant.calibration, size_bytes=quant.size_bytes(calibrated["params"]),
              **exported)
@@ -219,9 +224,6 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
     granularity = "per_channel" if settings.template.spec.per_channel else "per_tensor"
     for bits in settings.qat_bits:
       quant = settings.template.with_spec(dataclasses.replace(settings.template.spec, bits=bits))
-      if quant.activation_spec is not None or quant.fold_batch_norm:
-        raise ConfigError(f"quantize.qat_bits runs weight-only QAT; set {QUANT_PREFIX}."
-                          "activation_bits=0 and fold_batch_norm=False, or quantize.qat_bits=()")
       runner = finetune.Finetuner(
           model, params, adapt, total_steps=adapt.epochs * steps_per_epoch,
           steps_per_epoch=steps_per_epoch, num_classes=dataset.num_classes, with_target=False,
