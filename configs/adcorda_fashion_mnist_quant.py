@@ -9,6 +9,10 @@ The float baseline is configs/adcorda_fashion_mnist.py's. Its post-training quan
 corrects; all fine-tuning runs with fake-quantized kernels (straight-through gradients), so
 `same_budget_finetune` is the QAT control. results.json lists them as `ptq_w4_per_channel`,
 `qat_w4`, `corrected_ce_w4` and `adcorda_w4` under `quantization.variants`, with sizes in bytes.
+
+Measured (3 seeds, 2 shared CPU cores, ~17 min each with the float baseline reused): at 4 bits
+PTQ 91.10%, QAT 91.52 ± 0.06%, AdCorDA 91.35 ± 0.01%; at 2 bits PTQ 70.77%, QAT 89.11 ± 0.39%,
+AdCorDA 88.24 ± 0.48%.
 """
 import ml_collections
 
