@@ -29,6 +29,7 @@ from adcorda_jax.compression import size_bytes
 from adcorda_jax.compression.distillation import read_distill_settings
 from adcorda_jax.data import Dataset, load_dataset
 from adcorda_jax.quant.deploy import quantization_from_config
+from adcorda_jax.progress import Progress
 from adcorda_jax.reporting import study_report
 from adcorda_jax.shift import save_preview_grid
 from adcorda_jax.study import findings as findings_lib
@@ -180,9 +181,13 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
   compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope,
                           settings.magnitude_schedule)
   by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-  for cell in settings.cells():
+  grid = settings.cells()
+  progress = Progress(len(grid), "study", unit="cell")
+  for cell in grid:
     result = _run_cell(study, compressor, cell, originals[cell.network.label])
     by_group.setdefault((cell.network.label, cell.method, cell.rate), []).append(result)
+    progress.update(1, clean=result["test_accuracy"])
+  progress.close()
 
   networks = {}
   for network in settings.networks:
