@@ -52,6 +52,9 @@ def test_every_config_builds_and_its_sections_validate(path):
   from adcorda_jax import tasks
   from adcorda_jax.adcorda import stages
   from adcorda_jax.models import create_model
+  from adcorda_jax.compression.distillation import read_distill_settings
+  from adcorda_jax.study.grid import read_study_settings
+  from adcorda_jax.study.shift_eval import read_shift_settings
   from adcorda_jax.tasks import quantize
   module = importlib.import_module(f"configs.{path[:-3]}")
   arguments = ("8", "4", "2") if path == "adcorda_fashion_mnist_quant.py" else (None,)
@@ -66,4 +69,10 @@ def test_every_config_builds_and_its_sections_validate(path):
       assert argument is None or settings.quant.spec.bits == int(argument)
     if config.task == "quantize":
       quantize.read_quantize_settings(config)
+      stages.read_evaluation(config)
+    if config.task == "compression_study":
+      settings = read_study_settings(config)
+      assert settings.cells()
+      read_shift_settings(config, 3)
+      read_distill_settings(config)
       stages.read_evaluation(config)
