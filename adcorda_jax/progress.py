@@ -33,6 +33,13 @@ class Progress:
     elapsed = time.perf_counter() - self._start
     return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
 
+  def skip(self, count: int = 1) -> None:
+    """Counts `count` units finished earlier (e.g. cached): they advance the total, not the rate."""
+    self.done += count
+    self._start_done += count
+    if self._bar is not None:
+      self._bar.update(count)
+
   def update(self, count: int = 1, **postfix: Any) -> None:
     self.done += count
     if postfix:

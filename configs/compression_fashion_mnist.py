@@ -37,4 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.eps = (1 / 255, 4 / 255)
   config.evaluate.max_examples = 500
   config.evaluate.batch_size = 500
+  config.study.seeds = (0, 1, 2)  # Fine-tuning / distillation seeds; PTQ is deterministic.
   return config

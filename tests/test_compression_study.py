@@ -133,6 +133,11 @@ def test_findings_follow_the_numbers():
   held = {f["finding"]: f["held"] for f in findings.decide_findings(
       {"large": originals["large"]}, [c for c in cells if c["network"] == "large"], ["large"])}
   assert held[1] is False and held[2] is None and held[4] is False
+  # Both networks gain robustness, the larger less: "larger loses more" does not hold.
+  gains = [entry("large", "filter_pruning", 0.5, 1.0, 0.91),
+           entry("small", "filter_pruning", 0.5, 1.0, 0.95)]
+  records = findings.decide_findings(originals, gains, ["large", "small"])
+  assert records[1]["held"] is False and "large -0.010" in records[1]["evidence"]
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -79,8 +79,10 @@ def study_markdown(results: dict[str, Any]) -> str:
       per = row["shift"]["per_corruption"]
       lines.append(f"| {label} | {row['name']} | "
                    + " | ".join(f"{100 * per[c]:.1f}" for c in corruptions) + " |")
+  cell_seconds = sum(row.get("seconds", 0.0) for row in results["cells"])
   lines += ["", f"{results['devices']} {results['backend']} device(s); this call "
-            f"{results['wall_seconds']:.0f} s. Plots: `accuracy_vs_compression.png`, "
+            f"{results['wall_seconds']:.0f} s, compressing and evaluating the cells "
+            f"{cell_seconds:.0f} s over all calls. Plots: `accuracy_vs_compression.png`, "
             "`large_vs_small.png`" + (", `corruptions.png`" if results.get("preview") else "")
             + ".", ""]
   return "\n".join(lines)

@@ -70,13 +70,14 @@ def decide_findings(originals: dict[str, dict[str, Any]], cells: list[dict[str, 
   records.append(_record(1, all(verdicts) if verdicts else None, "; ".join(parts)
                          or "no compressed cells"))
 
-  # 2. The larger network's loss of relative robustness exceeds the smaller's.
+  # 2. The larger network loses relative robustness, and more than the smaller one. A "loss"
+  # that is a gain (negative drop) for both networks does not hold the finding.
   if len(network_order) >= 2 and all(by_network[label] for label in network_order[:2]):
     large, small = network_order[0], network_order[1]
     drops = {label: relative[label] - _mean(by_network[label]) for label in (large, small)}
-    records.append(_record(2, drops[large] > drops[small],
-                           f"mean drop of relative robustness: {large} {drops[large]:+.3f}, "
-                           f"{small} {drops[small]:+.3f}"))
+    records.append(_record(2, drops[large] > max(drops[small], 0.0),
+                           f"mean drop of relative robustness (positive = lost): {large} "
+                           f"{drops[large]:+.3f}, {small} {drops[small]:+.3f}"))
   else:
     records.append(_record(2, None, "needs two networks with compressed cells"))
 

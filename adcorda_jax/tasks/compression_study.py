@@ -113,8 +113,11 @@ def _summarize(entries: list[dict[str, Any]], stats: dict[str, Any],
 
 
 def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[str, Any]
-              ) -> dict[str, Any]:
-  """Compresses, fine-tunes and evaluates one cell, or loads its finished result."""
+              ) -> tuple[dict[str, Any], bool]:
+  """Compresses, fine-tunes and evaluates one cell, or loads its finished result.
+
+  Returns the result and whether it came from the cache.
+  """
   directory = study.workdir / "cells" / cell.path
   keys = ("train", "adapt", "model") + (("distill",) if cell.method == "distillation" else ())
   magnitude = cell.method == "magnitude_pruning"
@@ -126,17 +129,19 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
   stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
   done = stages.load_done(directory)
   if done is not None:
-    return done
+    return done, True
   logging.info("Cell %s: compressing.", cell.path)
+  start = time.perf_counter()
   compressed: Compressed = compressor(cell, original["model_config"], original["model"],
                                       original["variables"], original["meta"], directory)
   stats = {**network_stats(compressed.model, compressed.variables, study.dataset.image_shape),
            "size_bytes": int(compressed.size_bytes), "details": compressed.details}
   evaluation = study.evaluate(compressed.model, compressed.variables, directory, fingerprint,
                               cell.path)
-  result = {"seed": cell.seed, **evaluation, **stats}
+  # Seconds of this attempt (a resumed cell counts only its last attempt).
+  result = {"seed": cell.seed, **evaluation, **stats, "seconds": time.perf_counter() - start}
   stages.mark_done(directory, result)
-  return result
+  return result, False
 
 
 def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
@@ -184,9 +189,12 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
   grid = settings.cells()
   progress = Progress(len(grid), "study", unit="cell")
   for cell in grid:
-    result = _run_cell(study, compressor, cell, originals[cell.network.label])
+    result, cached = _run_cell(study, compressor, cell, originals[cell.network.label])
     by_group.setdefault((cell.network.label, cell.method, cell.rate), []).append(result)
-    progress.update(1, clean=result["test_accuracy"])
+    if cached:
+      progress.skip(1)
+    else:
+      progress.update(1, clean=result["test_accuracy"])
   progress.close()
 
   networks = {}
@@ -202,6 +210,7 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
     cell = Cell(next(n for n in settings.networks if n.label == label), method, rate, 0)
     cells.append({"network": label, "method": method, "rate": rate, "name": cell.name,
                   "details": first["details"],
+                  "seconds": float(sum(entry.get("seconds", 0.0) for entry in entries)),
                   **_summarize(entries, stats, originals[label]["stats"]["size_bytes"])})
   findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks])
   results: dict[str, Any] = {
