@@ -118,8 +118,10 @@ def plot_accuracy_vs_compression(results: dict[str, Any], path: str | Path) -> N
     axis.set(title=title, xlabel="compression (x fewer bytes)")
     axis.grid(alpha=0.3)
   axes[0][0].set_ylabel("accuracy")
+  rows = -(-len(methods) * len(results["networks"]) // 4)  # Legend rows, 4 entries each.
+  figure.tight_layout(rect=(0, 0.06 * rows, 1, 1))
   figure.legend(loc="lower center", ncol=min(4, len(methods) * len(results["networks"])),
-                bbox_to_anchor=(0.5, -0.12), fontsize=8)
+                bbox_to_anchor=(0.5, 0.0), fontsize=8)
   plots.save_figure_atomic(figure, path)
 
 
