@@ -103,6 +103,33 @@ def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
     assert new["shift"]["corruption_mean"] == old["shift"]["corruption_mean"]
 
 
+def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, monkeypatch):
+  workdir, results = study
+  copy = tmp_path / "study"
+  shutil.copytree(workdir, copy)
+  (copy / "results.json").unlink()
+  calls = []
+  original_call = compress.Compressor.__call__
+
+  def counting(self, cell, *args, **kwargs):
+    calls.append(cell.path)
+    return original_call(self, cell, *args, **kwargs)
+
+  monkeypatch.setattr(compress.Compressor, "__call__", counting)
+  rerun = tasks.run_task(tiny_config(**{"study.methods": "magnitude_pruning",
+                                        "study.seeds": (0, 1)}), copy)
+  assert calls == ["large/magnitude_pruning_0.8/seed1", "small/magnitude_pruning_0.8/seed1"]
+  before = {c["network"]: c for c in results["cells"] if c["method"] == "magnitude_pruning"}
+  for cell in rerun["cells"]:
+    seed0, seed1 = cell["per_seed"]
+    assert seed0["test_accuracy"] == before[cell["network"]]["test_accuracy"]
+    accuracies = [seed0["test_accuracy"], seed1["test_accuracy"]]
+    assert cell["test_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert cell["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    relative = [findings.relative_robustness(s) for s in (seed0, seed1)]
+    assert cell["relative_robustness_std"] == pytest.approx(np.std(relative, ddof=1))
+
+
 def test_changed_cell_settings_are_refused_not_mixed(study, tmp_path):
   workdir, _ = study
   copy = tmp_path / "study"
@@ -136,8 +163,11 @@ def test_findings_follow_the_numbers():
   # Both networks gain robustness, the larger less: "larger loses more" does not hold.
   gains = [entry("large", "filter_pruning", 0.5, 1.0, 0.91),
            entry("small", "filter_pruning", 0.5, 1.0, 0.95)]
+  gains[0]["relative_robustness_std"] = 0.02
   records = findings.decide_findings(originals, gains, ["large", "small"])
   assert records[1]["held"] is False and "large -0.010" in records[1]["evidence"]
+  assert all("seed std of one cell's relative robustness: 0.020" in r["evidence"]
+             for r in records)
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -67,7 +67,8 @@ def study_markdown(results: dict[str, Any]) -> str:
                _percent(row["test_accuracy"], row.get("test_accuracy_std")),
                _percent(shift["corruption_mean"], shift.get("corruption_mean_std"))]
       cells += [_percent(shift["domains"][d]) for d in domains]
-      cells += [f"{row['relative_robustness']:.3f}"]
+      spread = row.get("relative_robustness_std") or 0.0
+      cells += [f"{row['relative_robustness']:.3f}" + (f" ± {spread:.3f}" if spread else "")]
       cells += [_percent(row["robust_accuracy"][a][eps_key(e)]) for a, e in columns]
       lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
   corruptions = results["shift"]["corruptions"]

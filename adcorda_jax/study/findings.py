@@ -94,6 +94,11 @@ def decide_findings(originals: dict[str, dict[str, Any]], cells: list[dict[str, 
       4, None if ptq8 is None or not others else all(ptq8 > v for v in others),
       f"mean relative robustness: ptq 8-bit {_fmt(ptq8)}, pruning {_fmt(pruned)}, "
       f"distillation {_fmt(kd)}"))
+  noise = max((c.get("relative_robustness_std") or 0.0 for c in cells), default=0.0)
+  if noise > 0:
+    for record in records:
+      record["evidence"] += (f"; largest seed std of one cell's relative robustness: "
+                             f"{noise:.3f}")
   return records
 
 

@@ -106,6 +106,9 @@ def _summarize(entries: list[dict[str, Any]], stats: dict[str, Any],
   summary.update(stats)
   summary["compression_ratio"] = original_bytes / stats["size_bytes"]
   summary["relative_robustness"] = findings_lib.relative_robustness(summary)
+  per_seed = [findings_lib.relative_robustness(entry) for entry in entries]
+  summary["relative_robustness_std"] = (float(np.std(per_seed, ddof=1)) if len(per_seed) > 1
+                                        else 0.0)
   summary["relative_robust_accuracy"] = {
       attack: {eps: value / max(summary["test_accuracy"], 1e-12) for eps, value in by_eps.items()}
       for attack, by_eps in summary["robust_accuracy"].items()}
