@@ -81,13 +81,8 @@ def test_compression_really_shrinks_each_network(study):
   assert results["networks"]["large"]["params"] > results["networks"]["small"]["params"]
 
 
-def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
-  workdir, results = study
-  copy = tmp_path / "study"
-  shutil.copytree(workdir, copy)
-  (copy / "results.json").unlink()
-  # Drop one cell's result: only that cell may be compressed again.
-  shutil.rmtree(copy / "cells" / "small" / "ptq_w8")
+def _count_compressions(monkeypatch) -> list[str]:
+  """Records the path of every cell the study compresses (i.e. does not load from cache)."""
   calls = []
   original_call = compress.Compressor.__call__
 
@@ -96,6 +91,17 @@ def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
     return original_call(self, cell, *args, **kwargs)
 
   monkeypatch.setattr(compress.Compressor, "__call__", counting)
+  return calls
+
+
+def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
+  workdir, results = study
+  copy = tmp_path / "study"
+  shutil.copytree(workdir, copy)
+  (copy / "results.json").unlink()
+  # Drop one cell's result: only that cell may be compressed again.
+  shutil.rmtree(copy / "cells" / "small" / "ptq_w8")
+  calls = _count_compressions(monkeypatch)
   rerun = tasks.run_task(tiny_config(), copy)
   assert calls == ["small/ptq_w8/seed0"]
   for old, new in zip(results["cells"], rerun["cells"], strict=True):
@@ -108,14 +114,7 @@ def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, mo
   copy = tmp_path / "study"
   shutil.copytree(workdir, copy)
   (copy / "results.json").unlink()
-  calls = []
-  original_call = compress.Compressor.__call__
-
-  def counting(self, cell, *args, **kwargs):
-    calls.append(cell.path)
-    return original_call(self, cell, *args, **kwargs)
-
-  monkeypatch.setattr(compress.Compressor, "__call__", counting)
+  calls = _count_compressions(monkeypatch)
   rerun = tasks.run_task(tiny_config(**{"study.methods": "magnitude_pruning",
                                         "study.seeds": (0, 1)}), copy)
   assert calls == ["large/magnitude_pruning_0.8/seed1", "small/magnitude_pruning_0.8/seed1"]
