@@ -212,11 +212,8 @@ class Finetuner:
       target_batch = batch(target, index, target_seed) if target is not None else None
       return self.step_fn(state, batch(source, index, source_seed), target_batch, rng)
 
-    loop = resumable.LoopSettings(
-        total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-        log_every_steps=settings.log_every_steps,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-        max_checkpoints=settings.max_checkpoints,
+    loop = resumable.LoopSettings.of(
+        settings, self.total_steps, self.steps_per_epoch,
         divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.lambda_")
     result = resumable.run_resumable(
         state, step, loop=loop, directory=Path(directory), meta=meta, description=description,

@@ -253,11 +253,8 @@ class Distiller:
       batch = sharding.put_batch({"image": images[indices], "label": labels[indices]}, mesh)
       return self.step_fn(state, batch, rng, teacher_variables=self.teacher_variables)
 
-    loop = resumable.LoopSettings(
-        total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-        log_every_steps=settings.log_every_steps,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-        max_checkpoints=settings.max_checkpoints,
+    loop = resumable.LoopSettings.of(
+        settings, self.total_steps, self.steps_per_epoch,
         divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.beta")
     result = resumable.run_resumable(
         state, step, loop=loop, directory=Path(directory), meta=meta, description=description,

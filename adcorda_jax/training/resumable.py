@@ -37,6 +37,16 @@ class LoopSettings:
   max_checkpoints: int
   divergence_hint: str         # What to lower when the loss diverges, e.g. "adapt.learning_rate".
 
+  @classmethod
+  def of(cls, settings: Any, total_steps: int, steps_per_epoch: int, divergence_hint: str
+         ) -> "LoopSettings":
+    """From a validated config section with `log_every_steps`, `checkpoint_every_steps` and
+    `max_checkpoints` (AdaptSettings, DistillSettings)."""
+    return cls(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+               log_every_steps=settings.log_every_steps,
+               checkpoint_every_steps=settings.checkpoint_every_steps,
+               max_checkpoints=settings.max_checkpoints, divergence_hint=divergence_hint)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopResult:
