@@ -55,6 +55,8 @@ def test_study_writes_the_grid_findings_report_and_plots(study):
   assert [f["finding"] for f in saved["findings"]] == [1, 2, 3, 4]
   for finding in saved["findings"]:
     assert isinstance(finding["held"], bool) and finding["evidence"]
+    assert isinstance(finding["adversarial"]["held"], bool)
+    assert finding["adversarial"]["evidence"].startswith("pgd 0.05 / clean accuracy")
   for name in ("report.md", "accuracy_vs_compression.png", "large_vs_small.png"):
     assert (workdir / name).exists(), name
   report = (workdir / "report.md").read_text()
@@ -153,6 +155,18 @@ def test_findings_follow_the_numbers():
   held = {f["finding"]: f["held"] for f in findings.decide_findings(originals, cells,
                                                                        ["large", "small"])}
   assert held == {1: True, 2: True, 3: True, 4: True}
+  # The adversarial verdicts apply the same rules to robust / clean accuracy: an attack that
+  # leaves every network at the same relative accuracy holds no finding.
+  for c in [*cells, *originals.values()]:
+    c["robust_accuracy"] = {"pgd": {"0.1": 0.5 * c["test_accuracy"]}}
+  records = findings.decide_findings(originals, cells, ["large", "small"],
+                                     adversarial=("pgd", 0.1))
+  assert [r["adversarial"]["held"] for r in records] == [False, False, False, False]
+  assert [r["held"] for r in records] == [True, True, True, True]
+  cells[0]["robust_accuracy"]["pgd"]["0.1"] = 0.1  # large filter pruning falls under attack.
+  records = findings.decide_findings(originals, cells, ["large", "small"],
+                                     adversarial=("pgd", 0.1))
+  assert [r["adversarial"]["held"] for r in records] == [False, True, True, False]
   # A compressed network more robust than its original breaks finding 1; one network: no 2.
   cells[0] = entry("large", "filter_pruning", 0.5, 1.0, 0.99)
   cells[2] = entry("large", "distillation", 0.5, 1.0, 0.99)

@@ -31,7 +31,10 @@ def _rows(results: dict[str, Any], label: str) -> list[dict[str, Any]]:
 
 def summary_line(results: dict[str, Any]) -> str:
   held = {True: "held", False: "not held", None: "untested"}
-  return ", ".join(f"finding {f['finding']} {held[f['held']]}" for f in results["findings"])
+  return ", ".join(
+      f"finding {f['finding']} {held[f['held']]}"
+      + (f" (adversarial: {held[f['adversarial']['held']]})" if "adversarial" in f else "")
+      for f in results["findings"])
 
 
 def study_markdown(results: dict[str, Any]) -> str:
@@ -52,8 +55,12 @@ def study_markdown(results: dict[str, Any]) -> str:
       "",
   ]
   verdict = {True: "**held**", False: "**not held**", None: "untested"}
-  lines += [f"{f['finding']}. {f['statement']}: {verdict[f['held']]} ({f['evidence']})"
-            for f in results["findings"]]
+  lines += ["| finding | distribution shift | adversarial |", "|---|---|---|"]
+  for f in results["findings"]:
+    adversarial = f.get("adversarial")
+    lines.append(f"| {f['finding']}. {f['statement']} | {verdict[f['held']]}: {f['evidence']} | "
+                 + (f"{verdict[adversarial['held']]}: {adversarial['evidence']}"
+                    if adversarial else "n/a") + " |")
   for label, network in results["networks"].items():
     lines += ["", f"## {label}: {network['name']} (width {network['width']:g})", "",
               "| cell | params | MFLOPs | bytes | compression | clean | corruptions | "

@@ -4,13 +4,17 @@ Robustness to distribution shift is measured relative to clean accuracy: relativ
 shifted accuracy / clean accuracy, where shifted accuracy is the mean over shift types (the mean
 over corruptions and severities, and each extra domain). Each finding is one record
 `{finding, statement, held, evidence}`; `held` is None when the grid cannot test it (e.g. one
-network only, or a method not run), and `evidence` gives the numbers that decide it.
+network only, or a method not run), and `evidence` gives the numbers that decide it. The paper
+also attacked its networks, so each record carries the same rule applied to relative adversarial
+robustness (robust / clean accuracy) as `adversarial: {held, evidence}`.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from adcorda_jax.reporting.robustness_report import eps_key, eps_label
 
 STATEMENTS = {
     1: "compressed networks are less robust to distribution shift than their originals",
@@ -41,65 +45,92 @@ def _fmt(value: float | None) -> str:
   return "n/a" if value is None else f"{value:.3f}"
 
 
+def relative_robust_accuracy(attack: str, eps: float) -> Callable[[dict[str, Any]], float]:
+  """The measure `robust accuracy under attack at eps / clean accuracy` of an entry."""
+  key = eps_key(eps)
+
+  def measure(entry: dict[str, Any]) -> float:
+    return entry["robust_accuracy"][attack][key] / max(entry["test_accuracy"], 1e-12)
+  return measure
+
+
 def decide_findings(originals: dict[str, dict[str, Any]], cells: list[dict[str, Any]],
-                    network_order: Sequence[str]) -> list[dict[str, Any]]:
+                    network_order: Sequence[str],
+                    adversarial: tuple[str, float] | None = None) -> list[dict[str, Any]]:
   """The four findings from `originals` (label -> evaluation) and compressed `cells`.
 
   Each cell dict holds `network`, `method`, `rate` and its (seed-averaged) evaluation fields
-  `test_accuracy` and `shift`.
+  `test_accuracy` and `shift`. `held` is decided on relative robustness to distribution shift,
+  the paper's measure; with `adversarial=(attack, eps)` each record also carries
+  `adversarial: {held, evidence}`, the same rule applied to relative robust accuracy.
   """
-  relative = {label: relative_robustness(entry) for label, entry in originals.items()}
-  by_network = {label: [relative_robustness(c) for c in cells if c["network"] == label]
+  verdicts = _decide(originals, cells, network_order, relative_robustness)
+  noise = max((c.get("relative_robustness_std") or 0.0 for c in cells), default=0.0)
+  records = []
+  for finding, (held, evidence) in enumerate(verdicts, start=1):
+    evidence = f"shifted / clean accuracy, {evidence}"
+    if noise > 0:
+      evidence += f"; largest seed std of one cell's relative robustness: {noise:.3f}"
+    records.append(_record(finding, held, evidence))
+  if adversarial is not None:
+    attack, eps = adversarial
+    measure = relative_robust_accuracy(attack, eps)
+    for record, (held, evidence) in zip(
+        records, _decide(originals, cells, network_order, measure), strict=True):
+      record["adversarial"] = {"held": None if held is None else bool(held),
+                               "evidence": f"{attack} {eps_label(eps)} / clean accuracy, {evidence}"}
+  return records
+
+
+def _decide(originals: dict[str, dict[str, Any]], cells: list[dict[str, Any]],
+            network_order: Sequence[str], measure: Callable[[dict[str, Any]], float]
+            ) -> list[tuple[bool | None, str]]:
+  """(held, evidence) of each finding, robustness being `measure(entry)`."""
+  relative = {label: measure(entry) for label, entry in originals.items()}
+  by_network = {label: [measure(c) for c in cells if c["network"] == label]
                 for label in network_order}
 
   def method_mean(methods: Sequence[str], rate: float | None = None) -> float | None:
-    return _mean([relative_robustness(c) for c in cells if c["method"] in methods
+    return _mean([measure(c) for c in cells if c["method"] in methods
                   and (rate is None or c["rate"] == rate)])
 
-  records = []
+  verdicts: list[tuple[bool | None, str]] = []
   # 1. Compressed below original, for every network.
-  parts, verdicts = [], []
+  parts, below_original = [], []
   for label in network_order:
     compressed = _mean(by_network[label])
     if compressed is None:
       continue
     below = sum(value < relative[label] for value in by_network[label])
-    verdicts.append(compressed < relative[label])
+    below_original.append(compressed < relative[label])
     parts.append(f"{label}: original {_fmt(relative[label])}, compressed mean "
                  f"{_fmt(compressed)} ({below} of {len(by_network[label])} cells below)")
-  records.append(_record(1, all(verdicts) if verdicts else None, "; ".join(parts)
-                         or "no compressed cells"))
+  verdicts.append((all(below_original) if below_original else None,
+                   "; ".join(parts) or "no compressed cells"))
 
-  # 2. The larger network loses relative robustness, and more than the smaller one. A "loss"
-  # that is a gain (negative drop) for both networks does not hold the finding.
+  # 2. The larger network loses robustness, and more than the smaller one. A "loss" that is a
+  # gain (negative drop) for both networks does not hold the finding.
   if len(network_order) >= 2 and all(by_network[label] for label in network_order[:2]):
     large, small = network_order[0], network_order[1]
     drops = {label: relative[label] - _mean(by_network[label]) for label in (large, small)}
-    records.append(_record(2, drops[large] > max(drops[small], 0.0),
-                           f"mean drop of relative robustness (positive = lost): {large} "
-                           f"{drops[large]:+.3f}, {small} {drops[small]:+.3f}"))
+    verdicts.append((drops[large] > max(drops[small], 0.0),
+                     f"mean drop (positive = lost): {large} {drops[large]:+.3f}, "
+                     f"{small} {drops[small]:+.3f}"))
   else:
-    records.append(_record(2, None, "needs two networks with compressed cells"))
+    verdicts.append((None, "needs two networks with compressed cells"))
 
   # 3. Distillation above pruning.
   kd, pruned = method_mean(("distillation",)), method_mean(PRUNING)
-  records.append(_record(
-      3, None if kd is None or pruned is None else kd > pruned,
-      f"mean relative robustness: distillation {_fmt(kd)}, pruning {_fmt(pruned)}"))
+  verdicts.append((None if kd is None or pruned is None else kd > pruned,
+                   f"mean: distillation {_fmt(kd)}, pruning {_fmt(pruned)}"))
 
   # 4. 8-bit PTQ above both pruning and distillation.
   ptq8 = method_mean(("ptq",), rate=8.0)
   others = [v for v in (kd, pruned) if v is not None]
-  records.append(_record(
-      4, None if ptq8 is None or not others else all(ptq8 > v for v in others),
-      f"mean relative robustness: ptq 8-bit {_fmt(ptq8)}, pruning {_fmt(pruned)}, "
-      f"distillation {_fmt(kd)}"))
-  noise = max((c.get("relative_robustness_std") or 0.0 for c in cells), default=0.0)
-  if noise > 0:
-    for record in records:
-      record["evidence"] += (f"; largest seed std of one cell's relative robustness: "
-                             f"{noise:.3f}")
-  return records
+  verdicts.append((None if ptq8 is None or not others else all(ptq8 > v for v in others),
+                   f"mean: ptq 8-bit {_fmt(ptq8)}, pruning {_fmt(pruned)}, "
+                   f"distillation {_fmt(kd)}"))
+  return verdicts
 
 
 def _record(finding: int, held: bool | None, evidence: str) -> dict[str, Any]:

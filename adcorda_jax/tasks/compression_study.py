@@ -9,8 +9,9 @@
    robust accuracy under `evaluate`'s attacks. A finished cell writes `done.json` and is never
    recomputed; an interrupted one resumes from its checkpoints; a config change that would
    change a cell is refused with the keys that differ.
-3. Seeds are averaged per (network, method, rate); the four findings are decided
-   (`study.findings`); `results.json`, `report.md` and plots are written.
+3. Seeds are averaged per (network, method, rate); the four findings are decided on relative
+   robustness to shift and, separately, to the strongest attack (`study.findings`);
+   `results.json`, `report.md` and plots are written.
 """
 from __future__ import annotations
 
@@ -215,7 +216,11 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                   "details": first["details"],
                   "seconds": float(sum(entry.get("seconds", 0.0) for entry in entries)),
                   **_summarize(entries, stats, originals[label]["stats"]["size_bytes"])})
-  findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks])
+  # The adversarial verdicts use the last configured attack (the strongest, by convention) at
+  # the largest eps.
+  strongest = (evaluation.specs[-1].name, max(evaluation.eps)) if evaluation.eps else None
+  findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks],
+                                          adversarial=strongest)
   results: dict[str, Any] = {
       "status": "complete",
       "task": config.get("task", "compression_study"),
