@@ -8,6 +8,7 @@ import numpy as np
 
 from adcorda_jax.reporting import plots
 from adcorda_jax.reporting.robustness_report import eps_key, eps_label
+from adcorda_jax.study import findings
 
 _MARKERS = {"filter_pruning": "s", "magnitude_pruning": "^", "distillation": "o", "ptq": "D"}
 
@@ -134,29 +135,39 @@ def plot_accuracy_vs_compression(results: dict[str, Any], path: str | Path) -> N
 
 
 def plot_large_vs_small(results: dict[str, Any], path: str | Path) -> None:
-  """Relative robustness to shift per method (mean over rates), bars per network."""
+  """Relative robustness per method (mean over rates), bars per network: one panel for
+  distribution shift, one for the strongest attack at the largest eps."""
+  panels = [("relative robustness to distribution shift", "shifted / clean accuracy",
+             findings.relative_robustness)]
+  if results["evaluate"]["eps"]:
+    attack, eps = results["evaluate"]["attacks"][-1], max(results["evaluate"]["eps"])
+    panels.append((f"relative robustness under {attack} {eps_label(eps)}",
+                   "robust / clean accuracy", findings.relative_robust_accuracy(attack, eps)))
   labels = list(results["networks"])
   methods = ["original"] + sorted({c["method"] for c in results["cells"]})
-  figure, axis = plots.plt.subplots(figsize=(1.4 * len(methods) * len(labels) / 2 + 3, 3.8))
+  figure, axes = plots.plt.subplots(
+      1, len(panels), figsize=(len(panels) * (1.4 * len(methods) * len(labels) / 2 + 3), 3.8),
+      squeeze=False)
   width = 0.8 / len(labels)
   xs = np.arange(len(methods))
-  for n, label in enumerate(labels):
-    values = []
-    for method in methods:
-      if method == "original":
-        values.append(results["networks"][label]["relative_robustness"])
-        continue
-      rows = [c["relative_robustness"] for c in results["cells"]
-              if c["network"] == label and c["method"] == method]
-      values.append(float(np.mean(rows)) if rows else np.nan)
-    axis.bar(xs + (n - (len(labels) - 1) / 2) * width, values, width,
-             label=f"{label} ({results['networks'][label]['params']:,} params)")
-  finite = [v for c in results["cells"] for v in [c["relative_robustness"]]]
-  finite += [n["relative_robustness"] for n in results["networks"].values()]
-  axis.set(xticks=xs, ylabel="shifted / clean accuracy",
-           ylim=(max(0.0, min(finite) - 0.05), min(1.05, max(finite) + 0.05)),
-           title="relative robustness to distribution shift (mean over rates)")
-  axis.set_xticklabels(methods, rotation=20, ha="right")
-  axis.grid(axis="y", alpha=0.3)
-  axis.legend(fontsize=8)
+  for axis, (title, ylabel, measure) in zip(axes[0], panels, strict=True):
+    for n, label in enumerate(labels):
+      values = []
+      for method in methods:
+        if method == "original":
+          values.append(measure(results["networks"][label]))
+          continue
+        rows = [measure(c) for c in results["cells"]
+                if c["network"] == label and c["method"] == method]
+        values.append(float(np.mean(rows)) if rows else np.nan)
+      axis.bar(xs + (n - (len(labels) - 1) / 2) * width, values, width,
+               label=f"{label} ({results['networks'][label]['params']:,} params)")
+    every = [measure(c) for c in results["cells"]]
+    every += [measure(network) for network in results["networks"].values()]
+    axis.set(xticks=xs, ylabel=ylabel, title=f"{title} (mean over rates)",
+             ylim=(max(0.0, min(every) - 0.05), min(1.05, max(every) + 0.05)))
+    axis.set_xticklabels(methods, rotation=20, ha="right")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+  figure.tight_layout()
   plots.save_figure_atomic(figure, path)
