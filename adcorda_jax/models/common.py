@@ -10,7 +10,7 @@ pruned model is the same network with narrower layers.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,28 @@ def block_prunable_convs(blocks_per_stage: Sequence[int]) -> tuple[PrunableConv,
   """Each block's conv1: pruning it shrinks bn1 and conv2's input, never the residual sum."""
   return tuple(PrunableConv(f"{name}/conv1", f"{name}/bn1", f"{name}/conv2")
                for name in block_names(blocks_per_stage))
+
+
+class PrunableResNetChannels:
+  """Channel bookkeeping shared by the ResNets: a mixin for flax modules with `width` and
+  `channels` fields that set `BASE_STAGE_CHANNELS` and define `_stages()` (blocks per stage)."""
+  BASE_STAGE_CHANNELS: ClassVar[tuple[int, ...]] = ()
+
+  def stage_channels(self) -> tuple[int, ...]:
+    """Block output widths per stage (never pruned, so residual sums always match)."""
+    return tuple(scaled_channels(base, self.width) for base in self.BASE_STAGE_CHANNELS)
+
+  def default_channels(self) -> tuple[int, ...]:
+    """Unpruned inner width of every block, in order."""
+    return block_inner_channels(self._stages(), self.stage_channels())
+
+  def layer_channels(self) -> tuple[int, ...]:
+    """The inner widths this module builds (`channels` or the defaults)."""
+    return tuple(self.channels) or self.default_channels()
+
+  def prunable_convs(self) -> tuple[PrunableConv, ...]:
+    """Every block's conv1 (feeding bn1 and conv2), in order."""
+    return block_prunable_convs(self._stages())
 
 
 def residual_stages(x: jax.Array, blocks_per_stage: Sequence[int], channels: Sequence[int],

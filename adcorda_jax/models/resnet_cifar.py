@@ -17,15 +17,15 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, block_inner_channels,
-                                       block_prunable_convs, conv, global_average_pool, normalize,
-                                       residual_stages, scaled_channels)
+from adcorda_jax.models.common import (MODELS, PrunableResNetChannels, batch_norm, conv,
+                                       global_average_pool, normalize, residual_stages,
+                                       scaled_channels)
 
 # Registered depth -> blocks per stage (depth = 6n + 2).
 CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(PrunableResNetChannels, nn.Module):
   """ResNet-(6n+2) for small images; n = `blocks_per_stage`."""
   num_classes: int
   mean: tuple[float, ...]
@@ -35,24 +35,10 @@ class ResNetCifar(nn.Module):
   # Inner width (conv1 output) of every block, in order; () = the stage widths at `width`.
   channels: tuple[int, ...] = ()
 
+  BASE_STAGE_CHANNELS = (16, 32, 64)
+
   def _stages(self) -> tuple[int, ...]:
     return (self.blocks_per_stage,) * 3
-
-  def stage_channels(self) -> tuple[int, ...]:
-    """Block output widths per stage (never pruned, so residual sums always match)."""
-    return tuple(scaled_channels(base, self.width) for base in (16, 32, 64))
-
-  def default_channels(self) -> tuple[int, ...]:
-    """Unpruned inner width of every block, in order."""
-    return block_inner_channels(self._stages(), self.stage_channels())
-
-  def layer_channels(self) -> tuple[int, ...]:
-    """The inner widths this module builds (`channels` or the defaults)."""
-    return tuple(self.channels) or self.default_channels()
-
-  def prunable_convs(self) -> tuple[PrunableConv, ...]:
-    """Every block's conv1 (feeding bn1 and conv2), in order."""
-    return block_prunable_convs(self._stages())
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):

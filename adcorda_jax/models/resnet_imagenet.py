@@ -14,15 +14,15 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, block_inner_channels,
-                                       block_prunable_convs, conv, global_average_pool, normalize,
-                                       residual_stages, scaled_channels)
+from adcorda_jax.models.common import (MODELS, PrunableResNetChannels, batch_norm, conv,
+                                       global_average_pool, normalize, residual_stages,
+                                       scaled_channels)
 
 # Registered depth -> basic blocks per stage.
 IMAGENET_STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
-class ResNetImagenet(nn.Module):
+class ResNetImagenet(PrunableResNetChannels, nn.Module):
   """ResNet-18/34 with the torchvision layer layout (projection shortcuts when shapes change)."""
   num_classes: int
   mean: tuple[float, ...]
@@ -32,24 +32,10 @@ class ResNetImagenet(nn.Module):
   # Inner width (conv1 output) of every block, in order; () = the stage widths at `width`.
   channels: tuple[int, ...] = ()
 
+  BASE_STAGE_CHANNELS = (64, 128, 256, 512)
+
   def _stages(self) -> tuple[int, ...]:
     return self.blocks_per_stage
-
-  def stage_channels(self) -> tuple[int, ...]:
-    """Block output widths per stage (never pruned, so residual sums always match)."""
-    return tuple(scaled_channels(base, self.width) for base in (64, 128, 256, 512))
-
-  def default_channels(self) -> tuple[int, ...]:
-    """Unpruned inner width of every block, in order."""
-    return block_inner_channels(self._stages(), self.stage_channels())
-
-  def layer_channels(self) -> tuple[int, ...]:
-    """The inner widths this module builds (`channels` or the defaults)."""
-    return tuple(self.channels) or self.default_channels()
-
-  def prunable_convs(self) -> tuple[PrunableConv, ...]:
-    """Every block's conv1 (feeding bn1 and conv2), in order."""
-    return block_prunable_convs(self._stages())
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
