@@ -77,8 +77,8 @@ def decide_findings(originals: dict[str, dict[str, Any]], cells: list[dict[str, 
     measure = relative_robust_accuracy(attack, eps)
     for record, (held, evidence) in zip(
         records, _decide(originals, cells, network_order, measure), strict=True):
-      record["adversarial"] = {"held": None if held is None else bool(held),
-                               "evidence": f"{attack} {eps_label(eps)} / clean accuracy, {evidence}"}
+      evidence = f"{attack} {eps_label(eps)} / clean accuracy, {evidence}"
+      record["adversarial"] = {"held": None if held is None else bool(held), "evidence": evidence}
   return records
 
 
