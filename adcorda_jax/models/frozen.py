@@ -2,8 +2,8 @@
 
 Attacks and robustness evaluation differentiate a frozen network (running BatchNorm statistics)
 with respect to its input. `frozen_logits_fn` wraps `model.apply(..., train=False)` and, where it
-is faster, routes every plain 2-D `nn.Conv` through `fast_conv.conv2d` with a flax method
-interceptor: the models themselves are not rewritten, and convolutions the fast path does not
+is faster, routes every plain 2-D `nn.Conv` through `fast_conv.conv2d` (and from there to the
+native CPU convolution kernel, when it could be built) with a flax method interceptor: the models themselves are not rewritten, and convolutions the fast path does not
 cover (grouped, dilated, masked, non-float32, circular padding) keep flax's implementation.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _explicit_padding(padding: Any, x_shape, kernel_shape, strides):
   return tuple(pairs) if len(pairs) == 2 else None
 
 
-def _fast_conv_call(module: nn.Conv, x: jax.Array) -> jax.Array | None:
+def _fast_conv_call(module: nn.Conv, x: jax.Array, native: bool) -> jax.Array | None:
   """`module(x)` through `conv2d`, or None when this conv is outside the fast path."""
   kernel = module.get_variable("params", "kernel")
   strides = _as_pair(module.strides)
@@ -76,32 +76,37 @@ def _fast_conv_call(module: nn.Conv, x: jax.Array) -> jax.Array | None:
   padding = _explicit_padding(module.padding, x.shape, kernel.shape, strides)
   if padding is None:
     return None
-  y = conv2d(x, kernel, strides, padding)
+  y = conv2d(x, kernel, strides, padding, native)
   if module.use_bias:
     y = y + module.get_variable("params", "bias")
   return y
 
 
-def _fast_conv_interceptor(next_fun, args, kwargs, context):
+def _fast_conv_interceptor(next_fun, args, kwargs, context, *, native: bool):
   module = context.module
   if type(module) is nn.Conv and context.method_name == "__call__" and len(args) == 1:
-    y = _fast_conv_call(module, args[0])
+    y = _fast_conv_call(module, args[0], native)
     if y is not None:
       return y
   return next_fun(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
-def frozen_logits_fn(model: nn.Module, fast_input_gradients: bool) -> Callable[..., jax.Array]:
+def frozen_logits_fn(model: nn.Module, fast_input_gradients: bool,
+                     native_kernels: bool = True) -> Callable[..., jax.Array]:
   """`logits_fn(variables, x)`: the model in eval mode, one function object per setting.
 
   With `fast_input_gradients`, plain convolutions use `fast_conv.conv2d`, whose input gradient
-  stays on XLA:CPU's fast path; values and gradients equal the plain model's (float tolerance).
+  is computed with forward convolutions only; with `native_kernels` too, those run on the native
+  CPU kernel when it is available (`adcorda_jax.native`). Values and gradients equal the plain
+  model's (float tolerance).
   """
+  interceptor = functools.partial(_fast_conv_interceptor, native=native_kernels)
+
   def logits_fn(variables: Any, x: jax.Array) -> jax.Array:
     if not fast_input_gradients:
       return model.apply(variables, x, train=False)
-    with nn.intercept_methods(_fast_conv_interceptor):
+    with nn.intercept_methods(interceptor):
       return model.apply(variables, x, train=False)
 
   return logits_fn

@@ -1,0 +1,1 @@
+"""Native CPU kernels (XLA FFI), built on first use; see build.py."""
