@@ -90,19 +90,23 @@ def test_bad_settings_name_their_key(tmp_path, overrides, key):
 
 
 def test_cpu_attack_programs_get_their_options_and_nothing_global(monkeypatch):
-  attack_compile.compiler_options.cache_clear()
+  options = attack_compile.compiler_options
+  attack_compile._options.cache_clear()
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.delenv(attack_compile.OVERRIDE_ENV, raising=False)
-  assert dict(attack_compile.compiler_options("cpu")) == attack_compile.CPU_OPTIONS
-  assert attack_compile.compiler_options("gpu") == ()
-  attack_compile.compiler_options.cache_clear()
+  assert dict(options("cpu", native_convolutions=False)) == attack_compile.CPU_OPTIONS
+  assert options("cpu", native_convolutions=True) == ()  # YNNPACK sees no convolution then.
+  assert options("gpu") == ()
+  native = attack_compile.native_conv.available()
+  assert options("cpu") == options("cpu", native_convolutions=native)
+  attack_compile._options.cache_clear()
   monkeypatch.setenv(attack_compile.OVERRIDE_ENV, "xla_default")
-  assert attack_compile.compiler_options("cpu") == ()
-  attack_compile.compiler_options.cache_clear()
+  assert options("cpu", native_convolutions=False) == ()
+  attack_compile._options.cache_clear()
   monkeypatch.delenv(attack_compile.OVERRIDE_ENV)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-  assert attack_compile.compiler_options("cpu") == ()  # The user's own flag wins.
-  attack_compile.compiler_options.cache_clear()
+  assert options("cpu", native_convolutions=False) == ()  # The user's own flag wins.
+  attack_compile._options.cache_clear()
 
 
 def test_attack_jit_works_at_top_level_and_nested():

@@ -20,21 +20,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from adcorda_jax.attacks import compile as attack_compile
 from adcorda_jax.attacks.losses import LogitsFn, objective_and_grad
 from adcorda_jax.attacks.pgd import _pgd
+from adcorda_jax.native import conv2d as native_conv
 
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
   """One way of running the same attack: the model function and the XLA options it compiles with.
 
-  `fast_input_gradients` selects `frozen_logits_fn`'s custom convolution VJP; `xla_defaults`
-  compiles with XLA's default options instead of the attack programs' per-backend options.
+  `fast_input_gradients` selects `frozen_logits_fn`'s custom convolution VJP, `native_kernels`
+  its native CPU convolution kernel; `xla_defaults` compiles with XLA's default options instead
+  of the attack programs' per-backend options.
   """
   name: str
   fast_input_gradients: bool
   xla_defaults: bool
+  native_kernels: bool = False
 
   def compiler_options(self, backend: str) -> dict[str, Any]:
-    return {} if self.xla_defaults else dict(attack_compile.compiler_options(backend))
+    if self.xla_defaults:
+      return {}
+    native = self.native_kernels and backend == "cpu" and native_conv.available()
+    return dict(attack_compile.compiler_options(backend, native))
 
 
 # Before/after ablation: plain autodiff with XLA defaults is the straightforward JAX program.
@@ -42,7 +48,9 @@ IMPLEMENTATIONS = {
     "autodiff": Implementation("autodiff", fast_input_gradients=False, xla_defaults=True),
     "autodiff_tuned_xla": Implementation("autodiff_tuned_xla", False, False),
     "fast_vjp": Implementation("fast_vjp", fast_input_gradients=True, xla_defaults=True),
-    "adcorda": Implementation("adcorda", fast_input_gradients=True, xla_defaults=False),
+    "fast_vjp_tuned_xla": Implementation("fast_vjp_tuned_xla", True, False),
+    "adcorda": Implementation("adcorda", fast_input_gradients=True, xla_defaults=False,
+                              native_kernels=True),
 }
 
 

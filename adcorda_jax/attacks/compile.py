@@ -1,11 +1,14 @@
 """`jax.jit` for attack programs, with per-backend XLA compiler options chosen per program.
 
-On XLA:CPU, attack programs compile with YNNPACK fusions off
+When the convolutions of an attack program run on XLA:CPU's own kernels (no native kernel, see
+`adcorda_jax.native`), it compiles with YNNPACK fusions off
 (`xla_cpu_experimental_ynn_fusion_type=""`): YNNPACK's convolution fusions run this workload
-markedly slower than XLA's own convolutions (see `task=benchmark_attack`). The option is passed to
-each attack program's compilation only; global XLA flags and every other program are untouched,
-and it is logged once. It is skipped when `XLA_FLAGS` already sets the option, and
-`ADCORDA_ATTACK_COMPILER_OPTIONS=xla_default` turns it off.
+markedly slower than XLA's own convolutions (see `task=benchmark_attack`). With the native
+convolution kernel YNNPACK never sees a convolution, and XLA's defaults were measured 1-7% faster,
+so they are kept. The option is passed to each attack program's compilation only; global XLA
+flags and every other program are untouched, and it is logged once. It is skipped when
+`XLA_FLAGS` already sets the option, and `ADCORDA_ATTACK_COMPILER_OPTIONS=xla_default` turns it
+off.
 """
 from __future__ import annotations
 
@@ -16,14 +19,28 @@ from typing import Any, Callable, Iterable
 import jax
 from absl import logging
 
+from adcorda_jax.native import conv2d as native_conv
+
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 OVERRIDE_ENV = "ADCORDA_ATTACK_COMPILER_OPTIONS"
 
 
+def compiler_options(backend: str,
+                     native_convolutions: bool | None = None) -> tuple[tuple[str, Any], ...]:
+  """The options attack programs compile with on `backend`, as a hashable tuple.
+
+  `native_convolutions`: whether the program's convolutions run on the native CPU kernel;
+  None means "whenever it is available", which is what `attack_model` gives every attack.
+  """
+  if native_convolutions is None:
+    native_convolutions = backend == "cpu" and native_conv.available()
+  return _options(backend, bool(native_convolutions))
+
+
 @functools.lru_cache(maxsize=None)
-def compiler_options(backend: str) -> tuple[tuple[str, Any], ...]:
-  """The options attack programs compile with on `backend`, as a hashable tuple."""
-  if backend != "cpu" or os.environ.get(OVERRIDE_ENV, "") == "xla_default":
+def _options(backend: str, native_convolutions: bool) -> tuple[tuple[str, Any], ...]:
+  if (backend != "cpu" or native_convolutions
+      or os.environ.get(OVERRIDE_ENV, "") == "xla_default"):
     return ()
   flags = os.environ.get("XLA_FLAGS", "")
   options = tuple((k, v) for k, v in CPU_OPTIONS.items() if k not in flags)

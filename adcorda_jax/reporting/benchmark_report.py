@@ -37,7 +37,9 @@ def benchmark_markdown(records: Sequence[dict[str, Any]]) -> str:
       "",
       "Implementations: `autodiff` = flax model + `jax.grad`, XLA defaults (the straightforward "
       "program); `autodiff_tuned_xla` = the same with the attack programs' compiler options; "
-      "`fast_vjp` = convolutions with the custom input-gradient VJP, XLA defaults; `adcorda` = "
-      "both (what the library's attacks use).",
+      "`fast_vjp` = convolutions with the custom input-gradient VJP, XLA defaults; "
+      "`fast_vjp_tuned_xla` = the custom VJP with YNNPACK fusions off, all convolutions "
+      "XLA's; `adcorda` = the custom VJP on the native CPU convolution kernel where it could be "
+      "built, XLA's default options (what the library's attacks use).",
       ""]
   return "\n".join(lines)

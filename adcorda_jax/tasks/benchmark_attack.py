@@ -109,7 +109,8 @@ def _measure_case(case: Case, devices: int, section, peak: float,
   compiled = []
   for name in implementations:
     implementation = benchmark.IMPLEMENTATIONS[name]
-    logits_fn = frozen_logits_fn(model, implementation.fast_input_gradients)
+    logits_fn = frozen_logits_fn(model, implementation.fast_input_gradients,
+                                 implementation.native_kernels)
     compiled.append(benchmark.compile_pgd(
         logits_fn, params, x, labels, eps=section.eps, step_size=section.step_size,
         steps=section.steps, compiler_options=implementation.compiler_options(backend),
