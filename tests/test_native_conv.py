@@ -49,7 +49,7 @@ def test_kernel_is_built_wherever_a_compiler_exists():
 
 @needs_native
 @settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 3), height=st.integers(1, 11), width=st.integers(1, 11),
+@given(batch=st.integers(1, 3), height=st.integers(1, 11), width=st.integers(1, 30),
        channels=st.integers(1, 20), out_channels=st.integers(1, 40), kh=st.integers(1, 5),
        kw=st.integers(1, 4), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        pads=st.tuples(*[st.integers(0, 3)] * 4), seed=st.integers(0, 2**16))
@@ -65,6 +65,26 @@ def test_native_conv_equals_xla(batch, height, width, channels, out_channels, kh
   expected = _reference(x, kernel, stride, padding)
   chex.assert_equal_shape((got, expected))
   np.testing.assert_allclose(got, expected, atol=2e-4, rtol=2e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("height,channels,out_channels,kernel_size,stride", [
+    (32, 3, 16, 3, 1),   # ResNet-20 stem
+    (32, 16, 16, 3, 1),  # stage 1: 1 vector of outputs, widest pixel blocks
+    (16, 32, 32, 3, 1),  # stage 2: 2 vectors
+    (8, 64, 64, 3, 1),   # stage 3: 2 blocks of 2 vectors
+    (32, 16, 32, 3, 2),  # strided stage entry
+    (17, 16, 64, 2, 1),  # the stacked-phase input gradient of a stride-2 3x3 layer
+    (28, 1, 32, 3, 1),   # small CNN input layer
+])
+def test_model_layer_shapes_equal_xla(height, channels, out_channels, kernel_size, stride):
+  keys = jax.random.split(jax.random.key(height + channels), 2)
+  x = jax.random.normal(keys[0], (2, height, height, channels))
+  kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, channels, out_channels))
+  padding = ((1, 1), (1, 1)) if kernel_size == 3 else ((1, 0), (1, 0))
+  got = native_conv.conv2d(x, kernel, (stride, stride), padding)
+  np.testing.assert_allclose(got, _reference(x, kernel, (stride, stride), padding), atol=2e-4,
+                             rtol=2e-4)
 
 
 @needs_native
@@ -197,9 +217,10 @@ def test_avx2_and_portable_builds_equal_xla(fresh_build, monkeypatch, march, lan
   kernel = build.conv2d_kernel()
   assert kernel is not None and kernel.lanes == lanes
   keys = jax.random.split(jax.random.key(4), 2)
-  x = jax.random.normal(keys[0], (3, 9, 7, 5))
-  weights = jax.random.normal(keys[1], (3, 2, 5, 3 * lanes))
-  for strides, padding in [((1, 1), ((1, 1), (0, 1))), ((2, 1), ((0, 2), (1, 0)))]:
+  x = jax.random.normal(keys[0], (3, 9, 21, 5))  # Wide enough for every pixel-block size.
+  for kw, strides, padding in [(3, (1, 1), ((1, 1), (1, 1))), (2, (1, 1), ((1, 1), (0, 1))),
+                               (2, (2, 1), ((0, 2), (1, 0))), (3, (1, 2), ((0, 0), (2, 1)))]:
+    weights = jax.random.normal(keys[1], (3, kw, 5, 3 * lanes))
     got = native_conv._ffi_conv(x, weights, strides, padding)
     np.testing.assert_allclose(got, _reference(x, weights, strides, padding), atol=1e-4,
-                               rtol=1e-4, err_msg=march)
+                               rtol=1e-4, err_msg=f"{march} {kw} {strides} {padding}")
