@@ -5,7 +5,9 @@
 Cases are 'model/HxWxC/classes/batch'. Each implementation is compiled once per case and device
 count and timed interleaved with the others; see adcorda_jax/tasks/benchmark_attack.py. For
 several CPU devices run with XLA_FLAGS=--xla_force_host_platform_device_count=4. Takes about
-4 minutes on a 2-core CPU with the defaults. Results: results.json (a list of records), report.md.
+25 minutes on a 2-core CPU with the defaults, most of it in the plain-autodiff rows (leave them out
+with --config.benchmark.implementations=fast_vjp_tuned_xla,adcorda for a 3-minute run). Results:
+results.json (a list of records), report.md.
 """
 import ml_collections
 

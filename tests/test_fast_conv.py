@@ -22,8 +22,8 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 def _plain_conv(x, kernel, strides, padding):
   """The reference: explicit zero padding, then a VALID convolution.
 
-  Its autodiff never needs negative padding, which XLA:CPU (jaxlib 0.10.2) gets wrong for
-  several input channels (see test_reference_avoids_xla_negative_padding_bug).
+  Its autodiff never needs negative padding, which XLA:CPU (jaxlib 0.10.2) can get wrong with
+  several input channels (see fast_conv._conv and tests/test_native_conv.py).
   """
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   return lax.conv_general_dilated(x, kernel, strides, "VALID",

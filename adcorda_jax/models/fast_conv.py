@@ -49,8 +49,9 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pa
   """A forward convolution: the native CPU kernel if `native` and available, else XLA's.
 
   Negative padding (input gradients of layers padded more than kernel-1) is applied as an
-  explicit crop: XLA:CPU (jaxlib 0.10.2) computes wrong values for convolutions with negative
-  low padding along the width when there are several input channels.
+  explicit crop: XLA:CPU (jaxlib 0.10.2) computes wrong values for convolutions with several
+  input channels whose padding is negative at one end of a spatial axis and positive at the
+  other, e.g. (-1, 1).
   """
   crop = tuple(slice(max(-lo, 0), size + min(hi, 0))
                for size, (lo, hi) in zip(x.shape[1:3], padding))
