@@ -29,6 +29,7 @@ def available() -> bool:
 
 
 def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, int]:
+  """NHWC output shape of an HWIO convolution with explicit (non-negative) padding."""
   size = lambda n, k, s, pads: (n + pads[0] + pads[1] - k) // s + 1
   return (x_shape[0], size(x_shape[1], kernel_shape[0], strides[0], padding[0]),
           size(x_shape[2], kernel_shape[1], strides[1], padding[1]), kernel_shape[3])
@@ -36,7 +37,10 @@ def output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int
 
 def _ffi_conv(x, kernel, strides, padding):
   shape = output_shape(x.shape, kernel.shape, strides, padding)
-  call = jax.ffi.ffi_call(build.conv2d_kernel().target, jax.ShapeDtypeStruct(shape, jnp.float32))
+  # vmap never reaches this call (conv2d's custom_vmap rule folds batches); "sequential" is
+  # only the explicit answer for code that vmaps it directly.
+  call = jax.ffi.ffi_call(build.conv2d_kernel().target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")
   return call(x, kernel, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
               pad_top=np.int64(padding[0][0]), pad_bottom=np.int64(padding[0][1]),
               pad_left=np.int64(padding[1][0]), pad_right=np.int64(padding[1][1]))
