@@ -17,9 +17,9 @@ forward convolutions with explicitly materialized (tiny) kernels:
   of each SIMD register (measured 1.4x faster for ResNet-20's 3-channel stem).
 
 Every one of these forward convolutions runs on the native direct-convolution kernel
-(`adcorda_jax.native`: 1.2-1.8x XLA:CPU's at 16-64 channels, 5.9x for a 3-channel stem) when it could be built, else on
-XLA's. The kernel gradient is autodiff's. Results equal `jax.grad` of `lax.conv_general_dilated`
-up to float32 summation order (tested).
+(`adcorda_jax.native`: 1.2-1.9x XLA:CPU's at 16-64 channels, 5x for a 3-channel stem) when it
+could be built, else on XLA's. The kernel gradient is autodiff's. Results equal `jax.grad` of
+`lax.conv_general_dilated` up to float32 summation order (tested).
 """
 from __future__ import annotations
 

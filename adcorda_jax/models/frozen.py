@@ -3,8 +3,9 @@
 Attacks and robustness evaluation differentiate a frozen network (running BatchNorm statistics)
 with respect to its input. `frozen_logits_fn` wraps `model.apply(..., train=False)` and, where it
 is faster, routes every plain 2-D `nn.Conv` through `fast_conv.conv2d` (and from there to the
-native CPU convolution kernel, when it could be built) with a flax method interceptor: the models themselves are not rewritten, and convolutions the fast path does not
-cover (grouped, dilated, masked, non-float32, circular padding) keep flax's implementation.
+native CPU convolution kernel, when it could be built) with a flax method interceptor: the models
+themselves are not rewritten, and convolutions the fast path does not cover (grouped, dilated,
+masked, non-float32, circular padding) keep flax's implementation.
 """
 from __future__ import annotations
 

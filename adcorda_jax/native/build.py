@@ -3,10 +3,11 @@
 The kernels are a few hundred lines of C++ against the XLA FFI headers that ship with jaxlib
 (`jax.ffi.include_dir()`), compiled for the host CPU (`-march=native`, or `$ADCORDA_NATIVE_MARCH`)
 by the system C++ compiler (`$CXX`, else c++/g++/clang++) the first time they are needed, in a
-few seconds. AVX-512 and AVX2 machines get explicit vector code, others portable vector code. The shared library is cached under
-`$ADCORDA_JAX_CACHE` (default `~/.cache/adcorda_jax`), keyed by the source, the jaxlib version,
-the compiler and the CPU, and written atomically, so concurrent processes and machines sharing a
-home directory never load a half-written or foreign library.
+few seconds. AVX-512 and AVX2 machines get explicit vector code, others portable vector code.
+The shared library is cached under `$ADCORDA_JAX_CACHE` (default `~/.cache/adcorda_jax`), keyed by
+the source, the jaxlib version, the compiler, its flags and the CPU, and written atomically, so
+concurrent processes and machines sharing a home directory never load a half-written or foreign
+library.
 
 Without a compiler (or with `ADCORDA_NATIVE_KERNELS=0`) nothing is built and callers fall back to
 XLA's own operations; the reason is logged once.

@@ -103,8 +103,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
            padding: Padding) -> jax.Array:
   """NHWC x HWIO float32 convolution with explicit padding, by the native kernel.
 
-  Padding must be non-negative (crop the input instead). Output channels are zero-padded to the kernel's vector width and sliced back. Call only when
-  `available()`; values equal `lax.conv_general_dilated` up to float32 summation order.
+  Padding must be non-negative (crop the input instead). Output channels are zero-padded to the
+  kernel's vector width and sliced back. Call only when `available()`; values equal
+  `lax.conv_general_dilated` up to float32 summation order.
   """
   lanes = build.conv2d_kernel().lanes
   out_channels = kernel.shape[-1]

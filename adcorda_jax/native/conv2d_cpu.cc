@@ -128,7 +128,8 @@ inline void TapBlock(const float* in, int64_t row_floats, const Geometry& g,
     for (int64_t c = 0; c < c_count; ++c) {
       typename Vec::T kv[KW][V];
       for (int dx = 0; dx < KW; ++dx)
-        for (int v = 0; v < V; ++v) kv[dx][v] = Vec::load(k + (dx * c_count + c) * o + v * Vec::kLanes);
+        for (int v = 0; v < V; ++v)
+          kv[dx][v] = Vec::load(k + (dx * c_count + c) * o + v * Vec::kLanes);
       for (int j = 0; j < P + KW - 1; ++j) {
         const typename Vec::T xv = Vec::splat(x[j * c_count + c]);
         for (int dx = 0; dx < KW; ++dx) {
@@ -163,7 +164,8 @@ void Row(const float* in, int64_t row_floats, const Geometry& g, const float* ke
   int64_t x = 0;
   if (g.sw == 1 && g.kw == 3) x = TapBlocks<V, 3>(in, row_floats, g, kernel, out);
   if (g.sw == 1 && g.kw == 2) x = TapBlocks<V, 2>(in, row_floats, g, kernel, out);
-  for (; x + P <= g.ow; x += P) Block<V, P>(in + x * step, row_floats, step, g, kernel, out + x * g.o);
+  for (; x + P <= g.ow; x += P)
+    Block<V, P>(in + x * step, row_floats, step, g, kernel, out + x * g.o);
   if (x < g.ow)
     BlockTail<V, P - 1>(g.ow - x, in + x * step, row_floats, step, g, kernel, out + x * g.o);
 }
