@@ -4,9 +4,10 @@
 // stems) through Eigen's im2col-style contraction at about half the machine's FMA peak, because
 // every packed patch element is reused only once per output channel. This kernel keeps a block
 // of P output pixels x (V * lanes) output channels in vector registers and walks the taps and
-// input channels once, broadcasting each input value into P*V fused multiply-adds, so the input
-// is read from cache and never repacked. One image is zero-padded into a per-thread buffer, then
-// its output rows are computed; images are spread over XLA's intra-op thread pool.
+// input channels once, broadcasting each input value into V fused multiply-adds per output pixel
+// it touches (up to KW pixels for stride 1: TapBlock), so the input is read from cache and never
+// repacked. One image is zero-padded into a per-thread buffer, then its output rows are
+// computed; images are spread over XLA's intra-op thread pool.
 //
 // Requirements checked by the handler: float32, x [N,H,W,C], kernel [KH,KW,C,O] with O a
 // multiple of the vector width (the Python wrapper pads O), strides >= 1, paddings >= 0.
