@@ -6,8 +6,9 @@
 // of P output pixels x (V * lanes) output channels in vector registers and walks the taps and
 // input channels once, broadcasting each input value into V fused multiply-adds per output pixel
 // it touches (up to KW pixels for stride 1: TapBlock), so the input is read from cache and never
-// repacked. One image is zero-padded into a per-thread buffer, then its output rows are
-// computed; images are spread over XLA's intra-op thread pool.
+// repacked. Work units are images (or, for small batches and large images, slices of output
+// rows) spread over XLA's intra-op thread pool; each zero-pads the input rows it reads into a
+// per-thread buffer.
 //
 // Requirements checked by the handler: float32, x [N,H,W,C], kernel [KH,KW,C,O] with O a
 // multiple of the vector width (the Python wrapper pads O), strides >= 1, paddings >= 0.
@@ -171,21 +172,37 @@ void Row(const float* in, int64_t row_floats, const Geometry& g, const float* ke
     BlockTail<V, P - 1>(g.ow - x, in + x * step, row_floats, step, g, kernel, out + x * g.o);
 }
 
-void Image(const float* x, const float* kernel, float* y, const Geometry& g,
-           std::vector<float>& padded) {
-  const int64_t pw = g.padded_w(), row_floats = pw * g.c;
-  padded.assign(g.padded_h() * row_floats, 0.0f);
-  for (int64_t r = 0; r < g.h; ++r)
-    std::memcpy(&padded[(r + g.pt) * row_floats + g.pl * g.c], x + r * g.w * g.c,
-                sizeof(float) * g.w * g.c);
+// Output rows [r0, r1) of one image: the input rows they read are zero-padded into `padded`.
+void Rows(const float* x, const float* kernel, float* y, const Geometry& g, int64_t r0,
+          int64_t r1, std::vector<float>& padded) {
+  const int64_t row_floats = g.padded_w() * g.c;
+  const int64_t first = r0 * g.sh, count = (r1 - 1) * g.sh + g.kh - first;
+  padded.assign(count * row_floats, 0.0f);
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t source = first + r - g.pt;
+    if (source >= 0 && source < g.h)
+      std::memcpy(&padded[r * row_floats + g.pl * g.c], x + source * g.w * g.c,
+                  sizeof(float) * g.w * g.c);
+  }
   constexpr int64_t kWide = 2 * Vec::kLanes;
-  for (int64_t r = 0; r < g.oh; ++r) {
-    const float* in = padded.data() + r * g.sh * row_floats;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* in = padded.data() + (r - r0) * g.sh * row_floats;
     float* out = y + r * g.ow * g.o;
     int64_t oc = 0;
     for (; oc + kWide <= g.o; oc += kWide) Row<2>(in, row_floats, g, kernel + oc, out + oc);
     for (; oc < g.o; oc += Vec::kLanes) Row<1>(in, row_floats, g, kernel + oc, out + oc);
   }
+}
+
+// Output rows per work unit: whole images when there are enough of them to keep every thread
+// busy, else slices (a batch of one still uses all threads); never more rows than keep the padded
+// input of a unit within about 1 MiB (large images stay in cache).
+int64_t RowsPerUnit(const Geometry& g, int64_t threads) {
+  constexpr int64_t kBufferFloats = (1 << 20) / sizeof(float);
+  const int64_t row_floats = g.padded_w() * g.c;
+  const int64_t by_cache = std::max<int64_t>(1, (kBufferFloats / row_floats - g.kh) / g.sh + 1);
+  const int64_t slices = std::min(g.oh, (4 * threads + g.n - 1) / g.n);
+  return std::max<int64_t>(1, std::min(by_cache, (g.oh + slices - 1) / slices));
 }
 
 // Work shared by the caller and the pool tasks; tasks may start after the caller returned
@@ -220,22 +237,27 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* ks = k.typed_data();
   float* ys = y->typed_data();
   const int64_t x_image = g.h * g.w * g.c, y_image = g.oh * g.ow * g.o;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows = RowsPerUnit(g, threads), slices = (g.oh + rows - 1) / rows;
+  const int64_t units = g.n * slices;
   auto shared = std::make_shared<Shared>();
   auto work = [=](Shared& s) {
     std::vector<float> padded;
     int64_t done = 0;
-    for (int64_t i; (i = s.next.fetch_add(1)) < g.n; ++done)
-      Image(xs + i * x_image, ks, ys + i * y_image, g, padded);
-    if (done && s.finished.fetch_add(done) + done == g.n) {
+    for (int64_t u; (u = s.next.fetch_add(1)) < units; ++done) {
+      const int64_t i = u / slices, r0 = (u % slices) * rows;
+      Rows(xs + i * x_image, ks, ys + i * y_image, g, r0, std::min(r0 + rows, g.oh), padded);
+    }
+    if (done && s.finished.fetch_add(done) + done == units) {
       std::lock_guard<std::mutex> lock(s.mu);
       s.cv.notify_all();
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), g.n) - 1;
+  const int64_t helpers = std::min(threads, units) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, work] { work(*shared); });
   work(*shared);
   std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->finished.load() == g.n; });
+  shared->cv.wait(lock, [&] { return shared->finished.load() == units; });
   return ffi::Error::Success();
 }
 
