@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from adcorda_jax.attacks import compile as attack_compile
 from adcorda_jax.attacks.losses import LogitsFn, objective_and_grad
 from adcorda_jax.attacks.pgd import _pgd
-from adcorda_jax.native import conv2d as native_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,8 @@ class Implementation:
   def compiler_options(self, backend: str) -> dict[str, Any]:
     if self.xla_defaults:
       return {}
-    native = self.native_kernels and backend == "cpu" and native_conv.available()
+    # None: native convolutions wherever the kernel is available (compiler_options decides).
+    native = None if self.native_kernels else False
     return dict(attack_compile.compiler_options(backend, native))
 
 
