@@ -128,7 +128,8 @@ def load_idx_dir(directory: str | os.PathLike, source: IdxSource) -> RawSplits:
   if files is None:
     raise DataError(
         f"{source.name}: {directory} does not contain the IDX files train-images-idx3-ubyte, "
-        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or raw)")
+        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or raw); "
+        f"{source.how_to_install}or set data.data_dir='' to search the default places")
   train = _load_pair(files["train_images"], files["train_labels"])
   test = _load_pair(files["test_images"], files["test_labels"])
   return train, test, source.class_names

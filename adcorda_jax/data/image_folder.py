@@ -1,9 +1,13 @@
 """Image classification data from a folder tree: root/<class_name>/<image files>.
 
 Classes are the sorted sub-folder names (hidden folders skipped) and files are read in sorted
-order, so labels and example order are reproducible. Every image is converted to RGB (or to
-one-channel grayscale with `data.grayscale`) and resized with bilinear filtering to
-`data.image_size` squared; animated images contribute their first frame.
+order, so labels and example order are reproducible. Every image is turned upright by its EXIF
+orientation, converted to RGB (or to one-channel grayscale with `data.grayscale`), scaled to
+[0, 1] by its mode's true range (8-bit modes by 255, 16-bit by 65535, float images as they are)
+and resized with bilinear filtering to `data.image_size` squared; animated images contribute
+their first frame. Alpha is dropped (as PIL's `convert` does). What cannot be read faithfully (an
+unreadable file, 32-bit integers beyond 16 bits, floats outside [0, 1]) is a one-line DataError
+naming the file.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from adcorda_jax.data.dataset import DATASETS, RawSplits, Split
 from adcorda_jax.errors import ConfigError, DataError
@@ -38,15 +42,56 @@ def image_files(folder: Path) -> list[Path]:
                 if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# Modes PIL converts exactly to 8-bit L/RGB (palette, bilevel, alpha, CMYK, YCbCr, LAB, HSV).
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX",
+                              "CMYK", "YCbCr", "LAB", "HSV"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# ITU-R 601-2 luma, the weights of PIL's own RGB -> L conversion.
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+def _wide_pixels(image: Image.Image, path: Path) -> np.ndarray:
+  """HW float32 in [0, 1] of a 16-bit, 32-bit integer or float image."""
+  pixels = np.asarray(image)
+  if image.mode in _SIXTEEN_BIT_MODES:
+    return pixels.astype(np.float32) / np.float32(65535.0)
+  if image.mode == "I":  # 16-bit PNG/TIFF data widened to int32 by the decoder.
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+      raise DataError(f"cannot read image {path}: 32-bit integer pixels outside [0, 65535] "
+                      "have no known range; save it as 8- or 16-bit")
+    return pixels.astype(np.float32) / np.float32(65535.0)
+  pixels = pixels.astype(np.float32)  # Mode F.
+  if pixels.size and not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+    raise DataError(f"cannot read image {path}: float pixels outside [0, 1] (range "
+                    f"{pixels.min():g}..{pixels.max():g}); rescale it or save it as 8/16-bit")
+  return pixels
+
+
+def _resize_float(pixels: np.ndarray, image_size: int) -> np.ndarray:
+  """Bilinear resize of an HW float image (PIL's mode F keeps full precision)."""
+  resized = Image.fromarray(pixels, mode="F").resize((image_size, image_size),
+                                                    Image.Resampling.BILINEAR)
+  return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+
+
 def read_image(path: Path, image_size: int, grayscale: bool) -> np.ndarray:
   """Reads one image as float32 HWC in [0, 1], resized to image_size x image_size."""
   try:
-    with Image.open(path) as image:
-      image = image.convert("L" if grayscale else "RGB")
-      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-      pixels = np.asarray(image, np.float32) / np.float32(255.0)
+    with Image.open(path) as opened:
+      image = ImageOps.exif_transpose(opened)
+      if image.mode in _EIGHT_BIT_MODES:
+        image = image.convert("L" if grayscale else "RGB")
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, np.float32) / np.float32(255.0)
+      elif image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        gray = _resize_float(_wide_pixels(image, path), image_size)
+        pixels = gray if grayscale else np.repeat(gray[..., np.newaxis], 3, axis=-1)
+      else:
+        raise DataError(f"cannot read image {path}: PIL mode {image.mode!r} is not supported; "
+                        "save it as 8- or 16-bit grayscale or RGB")
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-    raise DataError(f"cannot read image {path}: {error}") from error
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise DataError(f"cannot read image {path}: {reason}") from None
   return pixels[..., np.newaxis] if grayscale else pixels
 
 

@@ -14,6 +14,7 @@ TensorFlow at read time. Split choice:
 from __future__ import annotations
 
 import functools
+import socket
 
 import ml_collections
 import numpy as np
@@ -24,6 +25,17 @@ from adcorda_jax.errors import AdcordaError, DataError
 
 _FALLBACK_TEST_SPLITS = ("test", "validation")
 _MAX_REASON_CHARS = 300
+# Where TFDS fetches prepared datasets and many sources from; probed once before a download.
+_PROBE_HOST, _PROBE_TIMEOUT_SECONDS = "storage.googleapis.com", 3.0
+
+
+def network_available(host: str = _PROBE_HOST, timeout: float = _PROBE_TIMEOUT_SECONDS) -> bool:
+  """Whether `host` answers on port 443 within `timeout`: TFDS itself retries for minutes."""
+  try:
+    with socket.create_connection((host, 443), timeout=timeout):
+      return True
+  except OSError:
+    return False
 
 
 @functools.cache
@@ -35,6 +47,12 @@ def builder_names() -> frozenset[str]:
 def _one_line(error: BaseException) -> str:
   text = " ".join(f"{type(error).__name__}: {error}".split())
   return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + "..."
+
+
+def _downloads(builder) -> bool:
+  """Whether `download_and_prepare` is TFDS's own (it is replaced under tfds.testing.mock_data)."""
+  module = getattr(builder.download_and_prepare, "__module__", "") or ""
+  return module.startswith("tensorflow_datasets.core")
 
 
 def _how_to_prepare(name: str) -> str:
@@ -104,6 +122,11 @@ def load_tfds(name: str, data_config: ml_collections.ConfigDict) -> RawSplits:
       if not download:
         raise DataError(f"TFDS dataset {name!r} is not prepared in {where} and "
                         f"data.tfds_download is False; {_how_to_prepare(name)}")
+      if _downloads(builder) and not network_available():
+        raise DataError(f"TFDS dataset {name!r} is not prepared in {where} and there is no "
+                        f"network to download it; set data.tfds_data_dir to a folder where it "
+                        f"is prepared, or data.tfds_download=False to fail at once, or "
+                        f"{_how_to_prepare(name)}")
       builder.download_and_prepare()
     class_names = _check_features(builder, name)
     train_split, test_split = _choose_splits(list(builder.info.splits.keys()))
