@@ -1,14 +1,16 @@
 """Command-line entry point: `python main.py --config configs/<experiment>.py --workdir <dir>`.
 
 Any config field can be overridden, e.g. `--config.train.epochs=3`. All logic lives in
-`adcorda_jax`; this file parses flags, sets up (multi-host) JAX, and runs `config.task`.
+`adcorda_jax`; this file parses flags, sets up (multi-host) JAX, and runs `config.task`. Every
+failure a user can cause ends in one line on stderr and a non-zero exit: 1 for errors, 2 for bad
+flags, 130 / 143 after SIGINT / SIGTERM (the run saves first; rerun the same command to resume).
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from adcorda_jax import log_filters, runtime, tasks
+from adcorda_jax import cli_errors, interrupts, log_filters, runtime, tasks
 from adcorda_jax.errors import AdcordaError
 
 FLAGS = flags.FLAGS
@@ -18,18 +20,38 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, results and rep
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad config file or override reported in one line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get("task")  # The config file loads lazily: a failure surfaces on first use.
+  except Exception as e:  # absl, ml_collections and the config file itself raise many types.
+    print(f"error: {cli_errors.flag_error_line(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+  return remaining
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   log_filters.quiet_library_logs()
   config = FLAGS.config
   try:
-    runtime.setup_jax(config)
-    tasks.run_task(config, FLAGS.workdir)
+    with interrupts.graceful_signals():
+      runtime.setup_jax(config)
+      tasks.run_task(config, FLAGS.workdir)
   except AdcordaError as e:
-    logging.error("%s", e)
     sys.exit(f"error: {e}")
+  except interrupts.Interrupted as e:
+    saved = f": {e.saved}" if e.saved else "; work finished so far is kept"
+    print(f"interrupted by {e}{saved}; rerun the same command to resume", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except Exception as e:  # A full disk can surface anywhere, wrapped by any library.
+    line = cli_errors.disk_full_line(e)
+    if line is None:
+      raise
+    sys.exit(f"error: {line}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -47,12 +47,21 @@ def test_unknown_model_lists_valid_names(tmp_path):
   assert "resnet20" in one_line(error) and "small_cnn" in str(error.value)
 
 
-def test_unwritable_workdir_is_named(tmp_path):
+def test_workdir_under_a_file_is_named(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(CheckpointError) as error:
     tasks.run_task(tiny.get_config(), blocker / "run")
-  assert str(blocker / "run") in one_line(error) and "not writable" in str(error.value)
+  assert str(blocker / "run") in one_line(error)
+  assert f"{str(blocker)!r} is a file, not a directory" in str(error.value)
+
+
+def test_workdir_that_is_a_file_is_named(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(CheckpointError) as error:
+    tasks.run_task(tiny.get_config(), blocker)
+  assert one_line(error) == f"workdir {str(blocker)!r} is a file, not a directory"
 
 
 def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -99,12 +108,13 @@ def test_corrupt_checkpoint_is_reported_not_crashed(tmp_path):
 def test_finished_run_is_never_overwritten_by_another_config(tmp_path):
   trainer.train_and_evaluate(tiny.get_config(), tmp_path)
   before = (tmp_path / "results.json").read_text()
-  changed = tiny.get_config()
-  changed.train.epochs = 3
-  with pytest.raises(ConfigError) as error:
-    tasks.run_task(changed, tmp_path)
-  assert "train.epochs" in one_line(error) and str(tmp_path) in str(error.value)
-  assert (tmp_path / "results.json").read_text() == before
+  for key, value in (("learning_rate", 0.07), ("epochs", 1)):  # epochs may only grow.
+    changed = tiny.get_config()
+    changed.train[key] = value
+    with pytest.raises(ConfigError) as error:
+      tasks.run_task(changed, tmp_path)
+    assert f"train.{key}" in one_line(error) and str(tmp_path) in str(error.value)
+    assert (tmp_path / "results.json").read_text() == before
   assert json.loads(before)["config"]["train"]["epochs"] == 2
 
 

@@ -45,6 +45,15 @@ DONE_FILE = "done.json"
 # Keys that change logging or checkpoint cadence only: never part of a fingerprint.
 RESUMABLE_KEYS = workdir_lib.RESUMABLE_KEYS | {
     "adapt.log_every_steps", "adapt.max_checkpoints", "adapt.checkpoint_every_steps"}
+# Keys read only by the aligned fine-tuning: the cross-entropy-only runs (controls, QAT, pruning
+# and study fine-tuning) leave them out of their fingerprints, so changing them redoes only the
+# runs that use them. Records written before this rule still match without them.
+ALIGNMENT_KEYS = frozenset({"adapt.alignment", "adapt.lambda_"})
+
+
+def without_alignment(fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """`fingerprint` for a run that does not read the alignment keys."""
+  return {k: v for k, v in fingerprint.items() if k not in ALIGNMENT_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +245,9 @@ def claim(directory: Path, stage: str, fingerprint: dict[str, Any]) -> None:
   path = directory / STAGE_FILE
   if path.exists():
     recorded = workdir_lib.read_json(path)
-    changed = differences(recorded if isinstance(recorded, dict) else {}, fingerprint)
+    recorded = {k: v for k, v in (recorded if isinstance(recorded, dict) else {}).items()
+                if k in fingerprint or k not in ALIGNMENT_KEYS}
+    changed = differences(recorded, fingerprint)
     if changed:
       raise CheckpointError(
           f"stage {stage!r} in {str(directory)!r} was made with a different config (differs at: "

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from adcorda_jax.attacks.compile import attack_jit
-from adcorda_jax import workdir as workdir_lib
+from adcorda_jax import faults, workdir as workdir_lib
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
 from adcorda_jax.attacks.specs import AttackSpec, check_eps
@@ -323,6 +323,7 @@ def attack_split(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images: np.
     progress.update(valid, accuracy=right_so_far / seen_so_far)
     if batch_callback is not None:
       batch_callback(index)
+    faults.point("attack_batch")
 
   # One batch stays in flight: batch i+1 is dispatched before batch i is fetched and saved.
   pending = None

@@ -1,8 +1,6 @@
 """Training-curve plots (matplotlib, no display needed)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,17 +9,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from adcorda_jax.workdir import write_atomic  # pylint: disable=g-import-not-at-top
+
 
 def save_figure_atomic(figure: Any, path: str | Path) -> None:
   """Saves a matplotlib figure through a temporary file and an atomic rename."""
   path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-  os.close(fd)
   try:
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: figure.savefig(f, format=path.suffix.lstrip(".") or "png",
+                                                dpi=120, bbox_inches="tight"), mode="wb")
   finally:
-    Path(tmp).unlink(missing_ok=True)
     plt.close(figure)
 
 

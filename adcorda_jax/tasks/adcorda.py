@@ -106,15 +106,22 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
     correct_batch_callback: called with each finished batch index of the correction attack.
     adapt_step_callback: called as (variant, seed, step) after each fine-tuning step.
   """
+  with common.open_staged_run(config, workdir) as run:
+    if run.finished is not None:
+      return run.finished
+    return _adcorda(config, run, correct_batch_callback, adapt_step_callback)
+
+
+def _adcorda(config: ml_collections.ConfigDict, run: workdir_lib.Run,
+             correct_batch_callback: BatchCallback | None,
+             adapt_step_callback: AdaptCallback | None) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  workdir = workdir_lib.prepare(workdir)
+  workdir = run.path
   settings = stages.read_settings(config)
-  finished, current = common.finished_run(config, workdir)
-  if finished is not None:
-    return finished
   seed = config.get("seed", 0)
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise ConfigError(f"seed must be an integer, got {seed!r}")
+  run.claim()  # Every setting is checked: work starts here.
 
   # --- Stage 1: baseline. ---
   baseline = common.load_baseline(config, settings.baseline_checkpoint,
@@ -174,12 +181,18 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
              "same_budget_finetune": (original, None, ce_only),
              "adcorda": (fixed, original, aligned)}
   refined: dict[tuple[str, int], dict[str, Any]] = {}
+
+  def reads(variant: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The fingerprint filter of a variant: only `adcorda` reads the alignment keys."""
+    return (lambda fingerprint: fingerprint) if sources[variant][1] is not None \
+        else stages.without_alignment
+
   for variant in FINETUNED:
     source, target, runner = sources[variant]
     for run_seed in settings.seeds:
       directory = workdir / "adapt" / variant / f"seed{run_seed}"
-      stages.claim(directory, "adapt", {**adapt_fingerprint, "variant": variant,
-                                        "adapt.seed": run_seed})
+      stages.claim(directory, "adapt", reads(variant)({**adapt_fingerprint, "variant": variant,
+                                                      "adapt.seed": run_seed}))
       callback = None
       if adapt_step_callback is not None:
         callback = (lambda step, _, v=variant, s=run_seed: adapt_step_callback(v, s, step))
@@ -202,8 +215,8 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
     evaluations[variant] = [
         {"seed": run_seed, **evaluator(
             refined[(variant, run_seed)], workdir / "evaluate" / variant / f"seed{run_seed}",
-            {**adapt_fingerprint, "variant": variant, "adapt.seed": run_seed, "seed": seed,
-             **evaluate_keys}, f"{variant} seed {run_seed}")}
+            reads(variant)({**adapt_fingerprint, "variant": variant, "adapt.seed": run_seed,
+                            "seed": seed, **evaluate_keys}), f"{variant} seed {run_seed}")}
         for run_seed in settings.seeds]
 
   count = evaluator.robust_examples
@@ -233,7 +246,7 @@ def run_adcorda(config: ml_collections.ConfigDict, workdir: str | Path, *,
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
-      "config": current,
+      "config": run.config,
   }
   changed = corrected.changed[:settings.plot_examples] if settings.plot_examples else []
   plots = [lambda: adcorda_report.plot_accuracy(results, workdir / "accuracy.png")]

@@ -153,8 +153,15 @@ def run_benchmark_attack(config: ml_collections.ConfigDict,
   for key in ("eps", "step_size"):
     config_checks.positive_float(section, key, _PREFIX)
   device_counts = _device_counts(section.devices)
-  workdir = workdir_lib.prepare(workdir)
-  workdir_lib.claim(workdir, config)
+  with workdir_lib.open_run(workdir, config) as run:
+    run.claim()
+    return _run_grid(run.path, cases, implementations, device_counts, section, config.seed)
+
+
+def _run_grid(workdir: Path, cases: tuple[Case, ...], implementations: tuple[str, ...],
+              device_counts: tuple[int, ...], section: ml_collections.ConfigDict, seed: int
+              ) -> dict[str, Any]:
+  """Measures every (case, device count, implementation) not yet in results.json."""
   results_path, state_path = workdir / workdir_lib.RESULTS_FILE, workdir / STATE_FILE
   records = workdir_lib.read_json(results_path) if results_path.exists() else []
   if state_path.exists() and workdir_lib.read_json(state_path).get("complete"):
@@ -171,7 +178,7 @@ def run_benchmark_attack(config: ml_collections.ConfigDict,
                      if (case.model, case.shape, case.num_classes, case.batch, devices, name)
                      not in done)
       if wanted:
-        records += _measure_case(case, devices, section, peak, wanted, config.seed)
+        records += _measure_case(case, devices, section, peak, wanted, seed)
         workdir_lib.write_json_atomic(results_path, records)
   workdir_lib.write_text_atomic(workdir / "report.md", benchmark_markdown(records))
   workdir_lib.write_json_atomic(state_path, {

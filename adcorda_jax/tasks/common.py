@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import flax.linen as nn
 import ml_collections
@@ -12,21 +12,15 @@ from absl import logging
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.adcorda import stages
 from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.tasks.robustness import check_data_matches, training_data
-from adcorda_jax.training import checkpointing
+from adcorda_jax.training import checkpointing, provenance
 
 
-def finished_run(config: ml_collections.ConfigDict, workdir: Path
-                 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-  """(the saved results if `workdir` holds a finished run of this config, else None; the config
-  as a dict). Keys that change only logging or checkpoint cadence do not count as changes."""
-  finished = workdir_lib.finished_results(workdir)
-  current = workdir_lib.config_to_dict(config)
-  if finished is not None and not workdir_lib.config_differences(
-      finished.get("config", {}), current, ignore=stages.RESUMABLE_KEYS):
-    logging.info("Run in %s already finished; returning its saved results.", workdir)
-    return finished, current
-  return None, current
+def open_staged_run(config: ml_collections.ConfigDict, workdir: str | Path
+                    ) -> ContextManager[workdir_lib.Run]:
+  """Opens (and locks) the workdir of a multi-stage task: each stage fingerprints what it reads,
+  so the workdir itself refuses no config; a finished run of the same config is returned as
+  `run.finished`. Keys that change only logging or checkpoint cadence do not count."""
+  return workdir_lib.open_run(workdir, config, strict=False, ignore=stages.RESUMABLE_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +40,13 @@ def load_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, ke
   """The baseline at `checkpoint` (config key `key`), or trained in `<workdir>/baseline`."""
   path, fingerprint = stages.ensure_baseline(config, checkpoint, key, workdir)
   variables, meta = checkpointing.load_checkpoint(path)
-  data_config, data_seed, data_source = training_data(path, meta, "")
-  dataset = load_dataset(data_config, data_seed)
-  check_data_matches(dataset, meta, path)
+  if checkpoint is not None:  # Another run's: config.data must describe its training data.
+    data_config = provenance.check_config_data(config, path, meta, key)
+  else:
+    data_config = config.data
+  _, _, data_source = provenance.training_data(path, meta, "")
+  dataset = load_dataset(data_config, config.get("seed", 0))
+  provenance.check_data_matches(dataset, meta, path)
   fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)
   return Baseline(checkpoint=path, variables=variables, meta=meta,
                   model=checkpointing.model_from_meta(meta), dataset=dataset,

@@ -129,7 +129,8 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
                  "study.magnitude_scope": study.settings.magnitude_scope if magnitude else None,
                  **({"study.magnitude_schedule": study.settings.magnitude_schedule}
                     if magnitude and study.settings.magnitude_schedule != "one_shot" else {}),
-                 "cell": cell.path, **stages.config_fingerprint(study.config, keys)}
+                 "cell": cell.path,
+                 **stages.without_alignment(stages.config_fingerprint(study.config, keys))}
   stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
   done = stages.load_done(directory)
   if done is not None:
@@ -151,19 +152,24 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
 def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                           ) -> dict[str, Any]:
   """Runs (or resumes) the whole grid in `workdir`; returns (and saves) the results."""
+  with common.open_staged_run(config, workdir) as run:
+    if run.finished is not None:
+      return run.finished
+    return _study(config, run)
+
+
+def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  workdir = workdir_lib.prepare(workdir)
+  workdir = run.path
   settings = read_study_settings(config)
   evaluation = stages.read_evaluation(config)
   adapt = finetune.read_adapt_settings(config)
   distill = read_distill_settings(config) if "distillation" in settings.methods else None
   quant_template = _quant_template(config)
-  finished, current = common.finished_run(config, workdir)
-  if finished is not None:
-    return finished
   seed = config.get("seed", 0)
   dataset = load_dataset(config.data, seed)
   shift_settings = read_shift_settings(config, dataset.image_shape[2])
+  run.claim()  # Every setting is checked: work starts here.
   mesh = sharding.make_mesh()
   sets = build_shifted_sets(shift_settings, dataset, jax.random.fold_in(jax.random.key(seed), 3),
                             seed)
@@ -240,7 +246,7 @@ def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
-      "config": current,
+      "config": run.config,
   }
   common.save_results(
       workdir, results, markdown=study_report.study_markdown(results),

@@ -161,15 +161,20 @@ def _export_and_check(directory: Path, name: str, calibrated: dict[str, Any], sc
 
 def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Runs the float / PTQ / QAT comparison in `workdir`; returns (and saves) the results."""
+  with common.open_staged_run(config, workdir) as run:
+    if run.finished is not None:
+      return run.finished
+    return _quantize(config, run)
+
+
+def _quantize(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  workdir = workdir_lib.prepare(workdir)
+  workdir = run.path
   settings = read_quantize_settings(config)
   evaluation = stages.read_evaluation(config)
   adapt = finetune.read_adapt_settings(config) if settings.qat_bits else None
-  finished, current = common.finished_run(config, workdir)
-  if finished is not None:
-    return finished
   seed = config.get("seed", 0)
+  run.claim()  # Every setting is checked: work starts here.
 
   baseline = common.load_baseline(config, settings.checkpoint, "quantize.checkpoint", workdir)
   variables, meta, model = baseline.variables, baseline.meta, baseline.model
@@ -220,7 +225,7 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
 
   if settings.qat_bits:
     steps_per_epoch = batches.steps_per_epoch(len(dataset.train), adapt.batch_size)
-    adapt_keys = stages.config_fingerprint(config, ("adapt",))
+    adapt_keys = stages.without_alignment(stages.config_fingerprint(config, ("adapt",)))
     granularity = "per_channel" if settings.template.spec.per_channel else "per_tensor"
     for bits in settings.qat_bits:
       quant = settings.template.with_spec(dataclasses.replace(settings.template.spec, bits=bits))
@@ -272,7 +277,7 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
-      "config": current,
+      "config": run.config,
   }
   common.save_results(
       workdir, results, markdown=quantize_report.quantize_markdown(results),

@@ -27,10 +27,11 @@ from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import (SECTIONS, UNTARGETED, AttackSpec, check_eps_grid,
                                        parse_attack_names, spec_from_config)
-from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.errors import CheckpointError, ConfigError
+from adcorda_jax.data import load_dataset
+from adcorda_jax.errors import ConfigError
 from adcorda_jax.reporting import robustness_report
 from adcorda_jax.training import checkpointing, sharding
+from adcorda_jax.training.provenance import check_data_matches, training_data
 
 _PREFIX = "robustness"
 SPLITS = ("test", "val", "train")
@@ -86,48 +87,6 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
       save_adversarial=save_adversarial, data_dir=data_dir)
 
 
-def _training_run_dir(checkpoint: Path) -> Path | None:
-  """The training workdir holding `checkpoint` (a workdir, its checkpoints/ or a step folder)."""
-  for candidate in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-    if ((candidate / workdir_lib.CONFIG_FILE).is_file()
-        and (candidate / checkpointing.CHECKPOINT_DIR).is_dir()):
-      return candidate
-  return None
-
-
-def training_data(checkpoint: Path, meta: dict[str, Any],
-                  data_dir: str) -> tuple[ml_collections.ConfigDict, int, str]:
-  """(data config, seed, description) of the data the checkpoint was trained on."""
-  run_dir = _training_run_dir(checkpoint)
-  if run_dir is not None:
-    run_config = workdir_lib.read_json(run_dir / workdir_lib.CONFIG_FILE)
-    data, seed = dict(run_config.get("data") or {}), run_config.get("seed", 0)
-    source = f"`data` and seed {seed} from the training run's {run_dir / 'config.json'}"
-  else:
-    data, seed = {"name": meta["dataset"]}, 0
-    source = (f"{meta['dataset']} with default split fractions and seed 0 (no training "
-              "config.json found beside the checkpoint)")
-    logging.warning("No training config.json beside %s; assuming %s.", checkpoint, source)
-  if data.get("name", "digits") != meta["dataset"]:
-    raise CheckpointError(
-        f"checkpoint {str(checkpoint)!r} was trained on {meta['dataset']!r} but its run's "
-        f"config.json says data.name={data.get('name')!r}")
-  if data_dir:
-    data["data_dir"] = data_dir
-    source += f", data_dir overridden to {data_dir!r}"
-  return ml_collections.ConfigDict(data), int(seed), source
-
-
-def check_data_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path) -> None:
-  """The loaded data must have the checkpoint's image shape and class count."""
-  if (list(dataset.image_shape) != list(meta["image_shape"])
-      or dataset.num_classes != meta["num_classes"]):
-    raise CheckpointError(
-        f"checkpoint {str(checkpoint)!r} expects {meta['num_classes']} classes of images "
-        f"{tuple(meta['image_shape'])}, but the data has {dataset.num_classes} of "
-        f"{dataset.image_shape}")
-
-
 def _record(spec: AttackSpec, result: SplitAttackResult) -> dict[str, Any]:
   return {"attack": spec.name, "norm": spec.norm, "eps": result.eps,
           "eps_label": robustness_report.eps_label(result.eps),
@@ -148,10 +107,16 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
   Returns:
     The results dict, also saved as `<workdir>/results.json` (plus report.md, robustness.png).
   """
+  with workdir_lib.open_run(workdir, config) as run:
+    if run.finished is not None:
+      return run.finished
+    return _evaluate(config, run, batch_callback)
+
+
+def _evaluate(config: ml_collections.ConfigDict, run: workdir_lib.Run,
+              batch_callback: BatchCallback | None) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  workdir, finished = workdir_lib.start_run(workdir, config)
-  if finished is not None:
-    return finished
+  workdir = run.path
   settings = read_settings(config)
   seed = config.get("seed", 0)
   if isinstance(seed, bool) or not isinstance(seed, int):
@@ -170,8 +135,10 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
   images, labels = split.images[:count], split.labels[:count]  # The first max_examples.
 
   mesh = sharding.make_mesh()
+  sharding.check_divisible(settings.batch_size, f"{_PREFIX}.batch_size", mesh)
   logits_fn, params = attack_model(model, variables)
   key = jax.random.key(seed)
+  run.claim()  # Config, checkpoint, data and mesh are checked: work starts here.
   logging.info("Robustness of %s on %d %s %s examples: attacks %s, eps %s, %d device(s).",
                meta["model"]["name"], count, dataset.name, settings.split,
                ", ".join(s.name for s in settings.specs), settings.eps, mesh.devices.size)

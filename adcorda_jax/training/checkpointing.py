@@ -7,6 +7,9 @@ trained baseline from another run's workdir without that run's config.
 """
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,56 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from adcorda_jax import faults, interrupts, workdir as workdir_lib
 from adcorda_jax.errors import CheckpointError
 from adcorda_jax.models import create_model
 
 CHECKPOINT_DIR = "checkpoints"
+_METADATA_BYTES = 64 * 1024  # Orbax's metadata files per step, generously.
+CORRUPT_DIR = "corrupt_checkpoints"  # Unreadable steps are moved here, beside CHECKPOINT_DIR.
+INTEGRITY_FILE = "integrity.json"    # Size and SHA-1 of every file of a step, written after it.
+# Orbax/tensorstore words for unreadable bytes, for steps saved before INTEGRITY_FILE existed.
+_READ_FAILURE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|Error reading|truncat|corrupt|JSONDecode|"
+                           r"Expecting value|Unexpected end|checksum", re.IGNORECASE)
+
+
+def _file_digests(step_dir: Path) -> dict[str, list[Any]]:
+  digests = {}
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and path.name != INTEGRITY_FILE:
+      digests[str(path.relative_to(step_dir))] = [
+          path.stat().st_size, hashlib.sha1(path.read_bytes()).hexdigest()]
+  return digests
+
+
+def integrity_problem(step_dir: Path) -> str | None:
+  """Why the files of a saved step differ from what was written, or None if they match (or
+  the step predates integrity records)."""
+  record = step_dir / INTEGRITY_FILE
+  if not record.exists():
+    return None
+  expected = workdir_lib.read_json(record)
+  actual = _file_digests(step_dir)
+  for name, (size, sha1) in sorted(expected.items()):
+    if name not in actual:
+      return f"{name} is missing"
+    if actual[name][0] != size:
+      return f"{name} has {actual[name][0]} bytes, {size} were written"
+    if actual[name][1] != sha1:
+      return f"{name} has changed since it was written (SHA-1 differs)"
+  return None
+
+
+def _tree_bytes(tree: Any) -> int:
+  return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
+
+
+def short_reason(error: BaseException) -> str:
+  """The first line of an orbax/tensorstore error, without its C++ source locations."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  text = re.sub(r"\s*\[source locations=.*", "", text)
+  text = re.sub(r"\s*\(?(at|from) \S+\.(cc|h|cpp):\d+.*", "", text)
+  return text[:200].rstrip(" :;,")
 
 
 class Checkpointer:
@@ -38,10 +87,72 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Writes checkpoint `step` atomically (orbax renames a finished temporary directory)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()
+    """Writes checkpoint `step` atomically (orbax renames a finished temporary directory).
+
+    SIGINT/SIGTERM arriving during the write are delivered once it is complete. A full disk is
+    a one-line CheckpointError; the partial step is removed and the earlier steps are kept.
+    """
+    needed = _tree_bytes(state) + _METADATA_BYTES
+    if workdir_lib.is_writer() and shutil.disk_usage(self.directory).free < needed:
+      # Checked first: orbax's threads report a write that runs out of space mid-way noisily.
+      raise CheckpointError(workdir_lib.disk_full_message(
+          self.directory / str(step), needed, self._kept_message(step)))
+    with interrupts.deferred():
+      try:
+        faults.point("checkpoint_write", self.directory / str(step))
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
+        step_dir = self.directory / str(step)
+        if workdir_lib.is_writer() and step_dir.is_dir():
+          workdir_lib.write_json_atomic(step_dir / INTEGRITY_FILE, _file_digests(step_dir))
+      except Exception as e:
+        if not workdir_lib.is_disk_full(e):
+          raise
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(workdir_lib.disk_full_message(
+            self.directory / str(step), needed, self._kept_message(step))) from None
+
+  def _kept_message(self, failed_step: int) -> str:
+    last = max((s for s in self._manager.all_steps() if s != failed_step), default=None)
+    return (f"the last good checkpoint (step {last}) is kept" if last is not None
+            else "no earlier checkpoint exists")
+
+  def restore_latest_good(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest checkpoint that reads back: (state, meta, step), or None if none.
+
+    A step whose files differ from what was written (truncated, missing or changed) is moved
+    aside to `<parent>/corrupt_checkpoints/<step>`, not deleted, with a warning saying why. A
+    step that is intact but does not fit `target` is an error: it is not moved.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      problem = integrity_problem(self.directory / str(step))
+      if problem is None:
+        try:
+          state, meta = self.restore(target, step)
+          return state, meta, step
+        except CheckpointError as e:
+          recorded = (self.directory / str(step) / INTEGRITY_FILE).exists()
+          if recorded or not _READ_FAILURE.search(str(e)):
+            raise
+          problem = str(e).split(": ", 1)[-1]
+      aside = self._move_aside(step)
+      logging.warning("Skipped checkpoint step %d in %s: %s; moved it to %s.", step,
+                      self.directory, problem, aside)
+    return None
+
+  def _move_aside(self, step: int) -> Path:
+    aside_dir = self.directory.parent / CORRUPT_DIR
+    aside_dir.mkdir(exist_ok=True)
+    aside = aside_dir / str(step)
+    suffix = 1
+    while aside.exists():
+      aside, suffix = aside_dir / f"{step}.{suffix}", suffix + 1
+    with interrupts.deferred():
+      (self.directory / str(step)).rename(aside)
+      self._manager.reload()
+    return aside
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores checkpoint `step` (default latest) into the structure and shardings of `target`.
@@ -52,6 +163,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint found in {str(self.directory)!r}")
+    problem = integrity_problem(self.directory / str(step))
+    if problem is not None:
+      raise CheckpointError(f"checkpoint {str(self.directory / str(step))!r} is corrupt: "
+                            f"{problem}")
     try:
       if target is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -63,14 +178,14 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for missing/corrupt files.
-      message = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise CheckpointError(
           f"checkpoint {str(self.directory / str(step))!r} is corrupt or incompatible: "
-          f"{message[:200]}") from None
+          f"{short_reason(e)}") from None
     return restored.state, dict(restored.meta)
 
   def close(self) -> None:
-    self._manager.close()
+    with interrupts.deferred():
+      self._manager.close()
 
 
 def _resolve(path: str | Path) -> tuple[Path, int | None]:
@@ -78,6 +193,9 @@ def _resolve(path: str | Path) -> tuple[Path, int | None]:
   path = Path(path).expanduser().absolute()
   if not path.exists():
     raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint path {str(path)!r} is a file; name a training run's "
+                          f"workdir, its '{CHECKPOINT_DIR}' folder or a step folder inside it")
   if (path / CHECKPOINT_DIR).is_dir():
     return path / CHECKPOINT_DIR, None
   if path.name.isdigit() and (path / "state").exists():
@@ -112,12 +230,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
   directory, step = _resolve(path)
   checkpointer = Checkpointer(directory)
   try:
+    step = checkpointer.latest_step() if step is None else step
     state, meta = checkpointer.restore(None, step)
   finally:
     checkpointer.close()
   if not isinstance(state, dict) or "params" not in state:
     raise CheckpointError(f"checkpoint in {str(directory)!r} holds no model parameters")
-  logging.info("Loaded checkpoint %s (step %s).", directory, meta.get("step"))
+  logging.info("Loaded checkpoint %s (step %s).", directory, step)
   return {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}, meta
 
 

@@ -1,15 +1,15 @@
 """The resumable step loop shared by fine-tuning (AdCorDA, QAT, pruning) and distillation.
 
-Restores the latest orbax checkpoint in `<directory>/checkpoints` (or starts at step 0), runs the
-remaining steps, logs averaged metrics to `metrics.jsonl` and the progress line, stops with a
-one-line TrainingError naming the step when the loss or the parameters stop being finite, and
-checkpoints every `checkpoint_every` steps and at the end. A run's batches are pure functions of
-the step, so a resumed run follows exactly the trajectory of an uninterrupted one.
+Restores the newest readable orbax checkpoint in `<directory>/checkpoints` (or starts at step 0),
+runs the remaining steps, logs averaged metrics to `metrics.jsonl` and the progress line, stops
+with a one-line TrainingError naming the first step whose loss or parameters are not finite, and
+checkpoints every `checkpoint_every` steps, at the end, and once on SIGINT/SIGTERM. A run's
+batches are pure functions of the step, so a resumed run follows exactly the trajectory of an
+uninterrupted one. `task=train` shares the helpers below (restore, divergence, interrupt save).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from adcorda_jax import faults, interrupts
 from adcorda_jax.errors import TrainingError
 from adcorda_jax.progress import Progress
 from adcorda_jax.reporting import metrics_log
@@ -55,18 +56,65 @@ class LoopResult:
   final_metrics: dict[str, float]
 
 
-def mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Averages a list of per-step metric dicts on the host."""
+def mean_metrics(pending: list[dict[str, jax.Array]], first_step: int, directory: Path,
+                 what: str, hint: str, last_good: int | None) -> dict[str, float]:
+  """Averages per-step metrics on the host, after checking every step's loss and parameters.
+
+  `pending[i]` is step `first_step + i`; a non-finite one is a one-line TrainingError naming the
+  first such step and the last good checkpoint (`last_good`), which is kept.
+  """
+  stacked = check_finite(pending, first_step, directory, what, hint, last_good)
+  averaged = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  del averaged["params_finite"]
+  return averaged
+
+
+def check_finite(pending: list[dict[str, jax.Array]], first_step: int, directory: Path,
+                 what: str, hint: str, last_good: int | None) -> list[dict[str, Any]]:
+  """The per-step metrics on the host, after checking that every step's loss and parameters
+  are finite (see `mean_metrics`); one scalar per step, fetched once per log or save."""
   stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  for offset, metrics in enumerate(stacked):
+    finite = all(np.isfinite(value) for value in metrics.values())
+    if not finite or metrics["params_finite"] != 1:
+      kept = (f"the last good checkpoint (step {last_good}) is kept"
+              if last_good is not None else "no checkpoint was written")
+      raise TrainingError(f"{what} in {str(directory)!r} diverged at step {first_step + offset} "
+                          f"(loss={float(metrics['loss'])}); {kept}; lower {hint}")
+  return stacked
 
 
-def _check_finite(metrics: dict[str, float], step: int, directory: Path, what: str,
-                  hint: str) -> None:
-  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
-    return
-  raise TrainingError(f"{what} in {str(directory)!r} diverged at step {step} "
-                      f"(loss={metrics.get('loss')}); lower {hint}")
+def restore(checkpointer: checkpointing.Checkpointer, state: Any) -> Any:
+  """The newest readable checkpoint restored into `state`'s structure, or `state` if none."""
+  restored = checkpointer.restore_latest_good(state)
+  if restored is None:
+    return state
+  logging.info("Resuming from checkpoint at step %d.", restored[2])
+  return restored[0]
+
+
+def save_on_interrupt(interrupt: KeyboardInterrupt, checkpointer: checkpointing.Checkpointer,
+                      state: Any, meta: dict[str, Any]) -> None:
+  """Saves the current state once on SIGINT/SIGTERM, if it is intact, finite and not saved yet.
+
+  What was saved is noted on `interrupt` for the one line `main.py` prints (and logged when
+  the interrupt is a plain KeyboardInterrupt, e.g. in a notebook).
+  """
+  try:
+    step = int(state.step)
+    finite = all(bool(np.isfinite(leaf).all()) for leaf in jax.device_get(
+        jax.tree.leaves(state.params)))
+  except RuntimeError:  # Its buffers were donated to a step that never finished.
+    step, finite = -1, False
+  latest = checkpointer.latest_step()
+  if finite and step != latest:
+    checkpointer.save(step, state, meta)
+    latest = step
+  saved = (f"step {latest} is saved in {str(checkpointer.directory)!r}" if latest is not None
+           else "no checkpoint was saved")
+  interrupts.record_save(interrupt, saved)
+  if not isinstance(interrupt, interrupts.Interrupted):
+    logging.warning("Interrupted: %s; rerun the same command to resume.", saved)
 
 
 def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory: Path,
@@ -82,8 +130,7 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
   directory.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
                                             loop.max_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(state)
+  state = restore(checkpointer, state)
   start_step = int(state.step)
   log = metrics_log.MetricsLog(directory / "metrics.jsonl")
   log.truncate_after(start_step)
@@ -101,10 +148,9 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
       pending.append(metrics)
       save_now = step % checkpoint_every == 0 or step == total_steps
       if step % loop.log_every_steps == 0 or save_now:
-        last = mean_metrics(pending)
+        last = mean_metrics(pending, step - len(pending) + 1, directory, what,
+                            loop.divergence_hint, checkpointer.latest_step())
         pending = []
-        _check_finite(last, step, directory, what, loop.divergence_hint)
-        del last["params_finite"]
         log.write({"step": step, "epoch": step / loop.steps_per_epoch, **last})
         progress.update(0, **{key: last[key] for key in progress_keys if key in last})
       if save_now:
@@ -112,6 +158,10 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
       progress.update(1)
       if step_callback is not None:
         step_callback(step, state)
+      faults.point("train_step")
+  except KeyboardInterrupt as interrupt:
+    save_on_interrupt(interrupt, checkpointer, state, meta)
+    raise
   finally:
     progress.close()
     checkpointer.close()

@@ -6,26 +6,29 @@ checkpoint, and a finished run returns its saved results instead of training aga
 from __future__ import annotations
 
 import functools
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from adcorda_jax import config_checks, workdir as workdir_lib
+from adcorda_jax import config_checks, faults, workdir as workdir_lib
 from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.errors import ConfigError, TrainingError
+from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import count_params, create_model
 from adcorda_jax.progress import Progress
 from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.reporting import metrics_log, plots, report
-from adcorda_jax.training import batches, checkpointing, evaluation, optim, sharding, steps
+from adcorda_jax.training import (batches, checkpointing, evaluation, optim, resumable, sharding,
+                                  steps)
 
 StepCallback = Callable[[int, steps.TrainState], None]
+# Raising these on a workdir continues its run from the last checkpoint, with the learning-rate
+# schedule of the new length from there on (so not equal to a fresh run of that length unless
+# the schedule is constant); results.json records the old values as `extended_from`.
+EXTENDABLE_KEYS = frozenset({"train.epochs"})
 
 
 def model_meta(config: ml_collections.ConfigDict, dataset: Dataset) -> dict[str, Any]:
@@ -49,53 +52,28 @@ def _validate(train_config: ml_collections.ConfigDict) -> None:
   config_checks.positive_int(train_config, "augment_padding", "train", allow_zero=True)
 
 
-def _finite_or_raise(metrics: dict[str, float], step: int, checkpointer: checkpointing.Checkpointer
-                     ) -> None:
-  """Stops training, naming the step, once the loss or the updated parameters are not finite."""
-  if all(math.isfinite(v) for v in metrics.values()) and metrics["params_finite"] == 1.0:
-    return
-  last = checkpointer.latest_step()
-  kept = (f"the last good checkpoint (step {last}) is kept in {str(checkpointer.directory)!r}"
-          if last is not None else "no checkpoint was written")
-  raise TrainingError(
-      f"training diverged at step {step} (loss={metrics.get('loss')}); {kept}; "
-      "lower train.learning_rate or check the data")
-
-
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(pending)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-
-
-def _save_on_interrupt(checkpointer: checkpointing.Checkpointer, state: steps.TrainState,
-                       meta: dict[str, Any]) -> None:
-  """Saves the current state on Ctrl-C, if it is intact and finite."""
-  try:
-    step = int(state.step)
-    finite = all(bool(np.isfinite(leaf).all()) for leaf in jax.device_get(
-        jax.tree.leaves(state.params)))
-  except RuntimeError:  # Its buffers were donated to a step that never finished.
-    return
-  if finite and step != checkpointer.latest_step():
-    checkpointer.save(step, state, meta)
-    logging.warning("Interrupted: saved step %d; rerun the same command to resume.", step)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        step_callback: StepCallback | None = None) -> dict[str, Any]:
   """Trains `config.model` on `config.data`, evaluates it and writes the run's artifacts.
 
   Args:
     config: the full experiment config (see configs/train_digits.py).
-    workdir: run directory; an existing run there is resumed or, if finished, returned.
+    workdir: run directory; an existing run there is resumed or, if finished, returned; with
+      a larger `train.epochs` a finished or interrupted run is continued.
     step_callback: called as `step_callback(step, state)` after each step (tests, notebooks).
   Returns:
     The results dict, also saved as `<workdir>/results.json`.
   """
+  with workdir_lib.open_run(workdir, config, extendable=EXTENDABLE_KEYS) as run:
+    if run.finished is not None:
+      return run.finished
+    return _train(config, run, step_callback)
+
+
+def _train(config: ml_collections.ConfigDict, run: workdir_lib.Run,
+           step_callback: StepCallback | None) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  workdir, finished = workdir_lib.start_run(workdir, config)
-  if finished is not None:
-    return finished
+  workdir = run.path
   train_config = config.train
   _validate(train_config)
   if quantization_from_config(config.get("model")) is not None:
@@ -124,10 +102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   checkpointer = checkpointing.Checkpointer(workdir / checkpointing.CHECKPOINT_DIR,
                                             train_config.max_checkpoints)
   meta = model_meta(config, dataset)
-  if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(state)
-    logging.info("Resuming from checkpoint at step %d.", int(state.step))
+  state = resumable.restore(checkpointer, state)
   start_step = int(state.step)
+  run.claim()  # Everything checkable before work is checked: config, data, mesh, checkpoint.
   log = metrics_log.MetricsLog(workdir / "metrics.jsonl")
   log.truncate_after(start_step)
 
@@ -165,16 +142,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       else:
         timed_steps += 1
       end_of_epoch = step % steps_per_epoch == 0
+      save_now = step % checkpoint_every == 0 or step == total_steps
+      divergence = (step - len(pending) + 1, workdir, "training",
+                    "train.learning_rate or check the data", checkpointer.latest_step())
       if step % train_config.log_every_steps == 0 or end_of_epoch or step == total_steps:
-        averaged = _mean_metrics(pending)
+        averaged = resumable.mean_metrics(pending, *divergence)
         pending = []
-        _finite_or_raise(averaged, step, checkpointer)
-        del averaged["params_finite"]
         rate = timed_steps * batch_size / max(time.perf_counter() - timed_start - overhead, 1e-9)
         log.write({"step": step, "epoch": step / steps_per_epoch, **averaged,
                    "examples_per_second": rate})
         progress.update(0, loss=averaged["loss"], accuracy=averaged["accuracy"])
-      save_now = step % checkpoint_every == 0 or step == total_steps
       if end_of_epoch or save_now:
         jax.block_until_ready(state)  # In-flight training steps count as training time.
         overhead_start = time.perf_counter()
@@ -187,15 +164,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             logging.info("epoch %d: val_accuracy=%.4f val_loss=%.4f",
                          step // steps_per_epoch, val["accuracy"], val["loss"])
         if save_now:
-          if pending:
-            _finite_or_raise(_mean_metrics(pending[-1:]), step, checkpointer)
+          if pending:  # Steps since the last log: never checkpoint a diverged state.
+            resumable.check_finite(pending, *divergence)
           checkpointer.save(step, state, meta)
         overhead += time.perf_counter() - overhead_start
       progress.update(1)
       if step_callback is not None:
         step_callback(step, state)
-  except KeyboardInterrupt:
-    _save_on_interrupt(checkpointer, state, meta)
+      faults.point("train_step")
+  except KeyboardInterrupt as interrupt:
+    resumable.save_on_interrupt(interrupt, checkpointer, state, meta)
     raise
   finally:
     progress.close()
@@ -213,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "params": count_params(state.params),
       "steps": total_steps,
       "resumed_from_step": start_step,
+      **({"extended_from": run.extended_from} if run.extended_from else {}),
       "devices": mesh.devices.size,
       "backend": jax.default_backend(),
       "wall_seconds": time.perf_counter() - wall_start,
