@@ -157,6 +157,19 @@ def test_config_change_that_invalidates_a_stage_is_named(finished, tmp_path, key
   assert "differs at: " + expected in message  # The config key, not a digest.
 
 
+def test_changing_lambda_redoes_only_the_runs_that_read_it(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished[0], workdir)
+  for stage in ("adapt", "evaluate"):  # What the message above says to delete.
+    shutil.rmtree(workdir / stage / "adcorda")
+  steps = []
+  results = adcorda.run_adcorda(tiny_config(**{"adapt.lambda_": 5.0}), workdir,
+                                adapt_step_callback=lambda *a: steps.append(a))
+  assert steps and {variant for variant, _, _ in steps} == {"adcorda"}
+  for control in ("corrected_ce", "same_budget_finetune"):
+    assert results["variants"][control] == finished[1]["variants"][control]
+
+
 def test_external_baseline_checkpoint_and_changed_provenance(finished, tmp_path):
   workdir, reference = finished
   config = tiny_config(**{"adcorda.baseline_checkpoint": str(workdir / "baseline")})
