@@ -45,7 +45,7 @@ def main(argv):
   except interrupts.Interrupted as e:
     saved = f": {e.saved}" if e.saved else "; work finished so far is kept"
     print(f"interrupted by {e}{saved}; rerun the same command to resume", file=sys.stderr)
-    sys.exit(e.exit_code)
+    interrupts.exit_now(e.exit_code)
   except Exception as e:  # A full disk can surface anywhere, wrapped by any library.
     line = cli_errors.disk_full_line(e)
     if line is None:

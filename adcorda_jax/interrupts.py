@@ -11,9 +11,12 @@ whatever handler was there before.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
+import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -36,6 +39,17 @@ def _in_main_thread() -> bool:
 
 
 @contextlib.contextmanager
+def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
+  """`handler` for SIGINT and SIGTERM within the block; the previous handlers after it."""
+  previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
+  try:
+    yield
+  finally:
+    for signum, old in previous.items():
+      signal.signal(signum, old)
+
+
+@contextlib.contextmanager
 def graceful_signals() -> Iterator[None]:
   """Within the block, SIGINT and SIGTERM raise `Interrupted` (in the main thread)."""
   if not _in_main_thread():
@@ -45,12 +59,8 @@ def graceful_signals() -> Iterator[None]:
   def interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
-  previous = {signum: signal.signal(signum, interrupt) for signum in SIGNALS}
-  try:
+  with _handling(interrupt):
     yield
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -60,16 +70,10 @@ def deferred() -> Iterator[None]:
     yield
     return
   received: list[int] = []
-
-  def hold(signum: int, frame: object) -> None:
-    received.append(signum)
-
-  previous = {signum: signal.signal(signum, hold) for signum in SIGNALS}
   try:
-    yield
+    with _handling(lambda signum, frame: received.append(signum)):
+      yield
   finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
     if received:
       signal.raise_signal(received[0])  # Through the restored handler, as if it came now.
 
@@ -78,3 +82,16 @@ def record_save(interrupt: KeyboardInterrupt, saved: str) -> None:
   """Notes on `interrupt` what was saved, for the one line `main.py` prints."""
   if isinstance(interrupt, Interrupted):
     interrupt.saved = saved
+
+
+def exit_now(code: int) -> None:
+  """Exits after an interrupt without interpreter teardown.
+
+  Everything worth keeping is on disk by then (checkpoints and artifacts are written
+  synchronously); tearing down while XLA's threads may still be inside an interrupted
+  compilation or computation can crash the process (exit 139 instead of 130/143).
+  """
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  logging.shutdown()
+  os._exit(code)

@@ -107,7 +107,7 @@ def save_on_interrupt(interrupt: KeyboardInterrupt, checkpointer: checkpointing.
   except RuntimeError:  # Its buffers were donated to a step that never finished.
     step, finite = -1, False
   latest = checkpointer.latest_step()
-  if finite and step != latest:
+  if finite and step > 0 and step != latest:  # Step 0 is the initial state: nothing to keep.
     checkpointer.save(step, state, meta)
     latest = step
   saved = (f"step {latest} is saved in {str(checkpointer.directory)!r}" if latest is not None
