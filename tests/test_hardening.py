@@ -334,6 +334,14 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_pat
   assert any("Skipped checkpoint step 16" in r.getMessage() for r in caplog.records)
 
 
+def test_unreadable_integrity_record_counts_as_damage(trained, tmp_path):
+  step = tmp_path / "16"
+  subprocess.run(["cp", "-r", str(trained[0] / "checkpoints" / "16"), str(step)], check=True)
+  assert checkpointing.integrity_problem(step) is None
+  (step / checkpointing.INTEGRITY_FILE).write_text("{truncated")
+  assert "unreadable" in checkpointing.integrity_problem(step)
+
+
 # --- 6. Disk full. ------------------------------------------------------------------------------
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch):

@@ -47,7 +47,10 @@ def integrity_problem(step_dir: Path) -> str | None:
   record = step_dir / INTEGRITY_FILE
   if not record.exists():
     return None
-  expected = workdir_lib.read_json(record)
+  try:
+    expected = dict(workdir_lib.read_json(record))
+  except (CheckpointError, TypeError, ValueError):
+    return f"its {INTEGRITY_FILE} is unreadable"
   actual = _file_digests(step_dir)
   for name, (size, sha1) in sorted(expected.items()):
     if name not in actual:
