@@ -224,13 +224,11 @@ class Run:
   finished: dict[str, Any] | None
   strict: bool
   extended_from: dict[str, Any] = dataclasses.field(default_factory=dict)  # key -> old value.
-  claimed: bool = False
 
   def claim(self) -> None:
     """Records the config; call it once everything checkable before work has been checked."""
     if self.finished is None:
       write_json_atomic(self.path / CONFIG_FILE, self.config)
-    self.claimed = True
 
 
 def _increases(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> dict[str, Any]:
