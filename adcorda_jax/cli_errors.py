@@ -13,15 +13,6 @@ from typing import Sequence
 from adcorda_jax import workdir as workdir_lib
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-  chain, seen = [], set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    chain.append(error)
-    error = error.__cause__ or error.__context__
-  return chain
-
-
 def _lines(error: BaseException) -> list[str]:
   """The message lines of `error`, unwrapping ml_collections' repr-of-KeyError messages."""
   value: object = error
@@ -65,7 +56,7 @@ def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
     flag = _override_for(name, argv) or f"--config...{name}"
     hint = f"; {lines[1][0].lower()}{lines[1][1:]}" if len(lines) > 1 else ""
     return f"{flag}: the config has no field {name!r}{hint}"
-  if any(type(e).__module__.startswith("absl") for e in _chain(error)):
+  if any(type(e).__module__.startswith("absl") for e in workdir_lib.error_chain(error)):
     return text  # absl's own flag errors name the flag.
   return f"--config {path}: {text or type(error).__name__}"
 
@@ -74,5 +65,5 @@ def disk_full_line(error: BaseException) -> str | None:
   """One line for a full disk anywhere in `error`'s chain, or None if it is something else."""
   if not workdir_lib.is_disk_full(error):
     return None
-  path = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+  path = next((e.filename for e in workdir_lib.error_chain(error) if isinstance(e, OSError) and e.filename), None)
   return workdir_lib.disk_full_message(path or "the workdir")

@@ -104,17 +104,20 @@ def current_umask() -> int:
   return mask
 
 
+def error_chain(error: BaseException | None) -> list[BaseException]:
+  """`error` and its causes/contexts, outermost first (each once)."""
+  chain: list[BaseException] = []
+  while error is not None and all(error is not seen for seen in chain):
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
 def is_disk_full(error: BaseException | None) -> bool:
   """Whether `error` or anything in its cause/context chain is ENOSPC or EDQUOT."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if "No space left on device" in str(error):  # Wrapped by orbax / tensorstore as text.
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+             or "No space left on device" in str(e)  # Wrapped by orbax/tensorstore as text.
+             for e in error_chain(error))
 
 
 def disk_full_message(path: str | os.PathLike, needed_bytes: int | None = None,
@@ -215,14 +218,13 @@ def locked(workdir: Path) -> Iterator[None]:
 class Run:
   """An open, locked workdir: the saved results if it finished, else a run to (re)start.
 
-  `strict` runs (train, robustness, benchmark_attack) are one artifact of the whole config: a
-  changed config is refused once there is work. Staged runs (adcorda, quantize,
+  Opened `strict` (train, robustness, benchmark_attack), a run is one artifact of the whole
+  config: a changed config is refused once there is work. Staged runs (adcorda, quantize,
   compression_study) fingerprint each stage instead and record the config as information.
   """
   path: Path
   config: dict[str, Any]
   finished: dict[str, Any] | None
-  strict: bool
   extended_from: dict[str, Any] = dataclasses.field(default_factory=dict)  # key -> old value.
 
   def claim(self) -> None:
@@ -292,8 +294,7 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
         finished = None  # Extended, or staged (the stages decide what is still valid).
     if finished is not None:
       logging.info("Run in %s already finished; returning its saved results.", path)
-    yield Run(path=path, config=current, finished=finished, strict=strict,
-              extended_from=extended_from)
+    yield Run(path=path, config=current, finished=finished, extended_from=extended_from)
 
 
 def finished_results(workdir: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -319,7 +320,7 @@ def test_every_step_of_a_run_passes_its_integrity_record(trained):
 
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_path, caplog):
   workdir = tmp_path / "run"
-  subprocess.run(["cp", "-r", str(trained[0]), str(workdir)], check=True)
+  shutil.copytree(trained[0], workdir)
   (workdir / "results.json").unlink()
   data_file = next(p for p in (workdir / "checkpoints" / "16" / "state").rglob("*")
                    if p.is_file() and p.parent.name == "d")
@@ -336,7 +337,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_pat
 
 def test_unreadable_integrity_record_counts_as_damage(trained, tmp_path):
   step = tmp_path / "16"
-  subprocess.run(["cp", "-r", str(trained[0] / "checkpoints" / "16"), str(step)], check=True)
+  shutil.copytree(trained[0] / "checkpoints" / "16", step)
   assert checkpointing.integrity_problem(step) is None
   (step / checkpointing.INTEGRITY_FILE).write_text("{truncated")
   assert "unreadable" in checkpointing.integrity_problem(step)
@@ -480,7 +481,7 @@ def test_loaded_checkpoint_logs_its_step(trained, caplog):
 
 def test_raising_train_epochs_continues_a_finished_run(trained, tmp_path):
   workdir = tmp_path / "run"
-  subprocess.run(["cp", "-r", str(trained[0]), str(workdir)], check=True)
+  shutil.copytree(trained[0], workdir)
   longer = tiny.get_config()
   longer.train.epochs = 3
   calls = []

@@ -182,17 +182,16 @@ def _adcorda(config: ml_collections.ConfigDict, run: workdir_lib.Run,
              "adcorda": (fixed, original, aligned)}
   refined: dict[tuple[str, int], dict[str, Any]] = {}
 
-  def reads(variant: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """The fingerprint filter of a variant: only `adcorda` reads the alignment keys."""
-    return (lambda fingerprint: fingerprint) if sources[variant][1] is not None \
-        else stages.without_alignment
+  def read_by(variant: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """`fingerprint` as `variant` reads it: only the aligned variant reads the alignment keys."""
+    return fingerprint if sources[variant][1] is not None else stages.without_alignment(fingerprint)
 
   for variant in FINETUNED:
     source, target, runner = sources[variant]
     for run_seed in settings.seeds:
       directory = workdir / "adapt" / variant / f"seed{run_seed}"
-      stages.claim(directory, "adapt", reads(variant)({**adapt_fingerprint, "variant": variant,
-                                                      "adapt.seed": run_seed}))
+      stages.claim(directory, "adapt", read_by(variant, {**adapt_fingerprint, "variant": variant,
+                                                         "adapt.seed": run_seed}))
       callback = None
       if adapt_step_callback is not None:
         callback = (lambda step, _, v=variant, s=run_seed: adapt_step_callback(v, s, step))
@@ -215,8 +214,8 @@ def _adcorda(config: ml_collections.ConfigDict, run: workdir_lib.Run,
     evaluations[variant] = [
         {"seed": run_seed, **evaluator(
             refined[(variant, run_seed)], workdir / "evaluate" / variant / f"seed{run_seed}",
-            reads(variant)({**adapt_fingerprint, "variant": variant, "adapt.seed": run_seed,
-                            "seed": seed, **evaluate_keys}), f"{variant} seed {run_seed}")}
+            read_by(variant, {**adapt_fingerprint, "variant": variant, "adapt.seed": run_seed,
+                              "seed": seed, **evaluate_keys}), f"{variant} seed {run_seed}")}
         for run_seed in settings.seeds]
 
   count = evaluator.robust_examples

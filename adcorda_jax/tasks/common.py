@@ -41,10 +41,9 @@ def load_baseline(config: ml_collections.ConfigDict, checkpoint: Path | None, ke
   path, fingerprint = stages.ensure_baseline(config, checkpoint, key, workdir)
   variables, meta = checkpointing.load_checkpoint(path)
   if checkpoint is not None:  # Another run's: config.data must describe its training data.
-    data_config = provenance.check_config_data(config, path, meta, key)
+    data_config, data_source = provenance.check_config_data(config, path, meta, key)
   else:
-    data_config = config.data
-  _, _, data_source = provenance.training_data(path, meta, "")
+    data_config, (_, _, data_source) = config.data, provenance.training_data(path, meta, "")
   dataset = load_dataset(data_config, config.get("seed", 0))
   provenance.check_data_matches(dataset, meta, path)
   fingerprint["baseline.params_sha1"] = stages.tree_digest(variables)

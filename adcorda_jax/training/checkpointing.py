@@ -133,7 +133,7 @@ class Checkpointer:
       problem = integrity_problem(self.directory / str(step))
       if problem is None:
         try:
-          state, meta = self.restore(target, step)
+          state, meta = self._restore_checked(target, step)
           return state, meta, step
         except CheckpointError as e:
           recorded = (self.directory / str(step) / INTEGRITY_FILE).exists()
@@ -170,6 +170,10 @@ class Checkpointer:
     if problem is not None:
       raise CheckpointError(f"checkpoint {str(self.directory / str(step))!r} is corrupt: "
                             f"{problem}")
+    return self._restore_checked(target, step)
+
+  def _restore_checked(self, target: Any, step: int) -> tuple[Any, dict[str, Any]]:
+    """`restore` of a step whose files have passed (or predate) the integrity check."""
     try:
       if target is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -67,13 +67,14 @@ def check_data_matches(dataset: Dataset, meta: dict[str, Any], checkpoint: Path)
 
 
 def check_config_data(config: ml_collections.ConfigDict, checkpoint: Path,
-                      meta: dict[str, Any], key: str) -> ml_collections.ConfigDict:
-  """`config.data`, checked to describe the data the checkpoint named by `key` was trained on.
+                      meta: dict[str, Any], key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(`config.data`, its provenance), checked to describe the data the checkpoint named by
+  `key` was trained on.
 
   Refuses, naming both values, a data section or seed that would build other splits than the
   checkpoint's training run did; location keys left empty are taken from that run.
   """
-  run_data, run_seed, _ = training_data(checkpoint, meta, "")
+  run_data, run_seed, source = training_data(checkpoint, meta, "")
   data = config.get("data") or ml_collections.ConfigDict()
   known = _training_run_dir(checkpoint) is not None
   keys = IDENTITY_DEFAULTS if known else {"name": IDENTITY_DEFAULTS["name"]}
@@ -90,4 +91,4 @@ def check_config_data(config: ml_collections.ConfigDict, checkpoint: Path,
   for location in _LOCATION_KEYS:
     if not merged.get(location) and run_data.get(location):
       merged[location] = run_data[location]
-  return merged
+  return merged, source

@@ -127,6 +127,12 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.Run,
 
   progress = Progress(total_steps, "train", initial=start_step)
   pending: list[dict[str, jax.Array]] = []
+
+  def divergence(step: int) -> tuple[int, Path, str, str, int | None]:
+    """What a divergence message names: first pending step, where, hint, last good step."""
+    return (step - len(pending) + 1, workdir, "training",
+            "train.learning_rate or check the data", checkpointer.latest_step())
+
   # Throughput counts training steps only: not the first (compiling) step, evals or saves.
   timed_start, timed_steps, overhead = None, 0, 0.0
   try:
@@ -143,10 +149,8 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.Run,
         timed_steps += 1
       end_of_epoch = step % steps_per_epoch == 0
       save_now = step % checkpoint_every == 0 or step == total_steps
-      divergence = (step - len(pending) + 1, workdir, "training",
-                    "train.learning_rate or check the data", checkpointer.latest_step())
       if step % train_config.log_every_steps == 0 or end_of_epoch or step == total_steps:
-        averaged = resumable.mean_metrics(pending, *divergence)
+        averaged = resumable.mean_metrics(pending, *divergence(step))
         pending = []
         rate = timed_steps * batch_size / max(time.perf_counter() - timed_start - overhead, 1e-9)
         log.write({"step": step, "epoch": step / steps_per_epoch, **averaged,
@@ -165,7 +169,7 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.Run,
                          step // steps_per_epoch, val["accuracy"], val["loss"])
         if save_now:
           if pending:  # Steps since the last log: never checkpoint a diverged state.
-            resumable.check_finite(pending, *divergence)
+            resumable.check_finite(pending, *divergence(step))
           checkpointer.save(step, state, meta)
         overhead += time.perf_counter() - overhead_start
       progress.update(1)
