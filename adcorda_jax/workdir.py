@@ -1,42 +1,28 @@
-"""The run directory: one run per workdir, locked, claimed late, written atomically.
+"""Artifacts of a workdir: written atomically by the writer process, read with one-line errors.
 
-A workdir holds one run. `open_run` takes an exclusive lock on it (a second command on the same
-workdir is refused, naming the holder's PID) and returns the saved results of a finished run.
-`Run.claim()` records the config in `config.json` only once the task has checked everything it
-can before work starts, so a command that fails validation leaves nothing that blocks the
-corrected command; a workdir whose only content is such a claim may be re-claimed by any config.
-Re-running the same command resumes the run; a different config on a workdir with work in it is
-refused (naming the keys that differ), so artifacts of two configs never mix.
-
-Every artifact is written to a temporary file and renamed into place, with the permissions a
-plain `open()` gives under the umask, so a killed run never leaves a half-written `results.json`
-and colleagues can read a shared run. A full disk is a one-line error naming the path.
+The run lifecycle (lock, claim, resume, results envelope) is `adcorda_jax.pipeline`; this module
+is the file layer under it. Every artifact is written to a temporary file and renamed into place,
+with the permissions a plain `open()` gives under the umask, so a killed run never leaves a
+half-written `results.json` and colleagues can read a shared run. A full disk is a one-line error
+naming the path.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import errno
-import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable
 
 import jax
 import ml_collections
-from absl import logging
 
 from adcorda_jax import faults, interrupts
-from adcorda_jax.errors import AdcordaError, CheckpointError, ConfigError
+from adcorda_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
-LOCK_FILE = ".lock"
-# Fields that may change between a run and its resumption without invalidating artifacts.
-RESUMABLE_KEYS = frozenset({"train.log_every_steps", "train.max_checkpoints", "distributed",
-                            "cpu_devices"})
 
 
 def is_writer() -> bool:
@@ -133,10 +119,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
   if hasattr(obj, "tolist"):  # numpy / jax scalars and arrays
     return obj.tolist()
   if isinstance(obj, (tuple, set, frozenset)):
@@ -154,153 +140,4 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """A JSON-safe plain dict of the resolved config (tuples become lists)."""
-  return json.loads(json.dumps(config.to_dict(), default=_json_default))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    flat = {}
-    for key, value in tree.items():
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-  return {prefix[:-1]: tree}
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any],
-                       ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
-  """Dotted keys whose values differ between two config dicts, excluding `ignore`."""
-  old_flat, new_flat = _flatten(old), _flatten(new)
-  keys = sorted(set(old_flat) | set(new_flat))
-  return [k for k in keys if k not in ignore and old_flat.get(k) != new_flat.get(k)]
-
-
-def has_work(workdir: Path) -> bool:
-  """Whether `workdir` holds anything but a claim (config.json, its lock, temporary files)."""
-  return any(entry.name != CONFIG_FILE and not entry.name.startswith(".")
-             for entry in workdir.iterdir())
-
-
-def mismatch_error(what: str, differences: list[str], remedy: str,
-                   error: type[AdcordaError] = CheckpointError) -> AdcordaError:
-  """The one wording of "this folder was made with a different config"."""
-  shown = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
-  return error(f"{what} was made with a different config (differs at: {shown}); {remedy}")
-
-
-@contextlib.contextmanager
-def locked(workdir: Path) -> Iterator[None]:
-  """Holds an exclusive lock on `workdir` (released on any exit, `kill -9` included).
-
-  A second run on the same workdir is refused with a one-line error naming the holder's PID.
-  Only the writer process locks: the other processes of a multi-host run share its workdir.
-  """
-  if not is_writer():
-    yield
-    return
-  path = workdir / LOCK_FILE
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-      raise CheckpointError(
-          f"workdir {str(workdir)!r} is in use by another run (pid {holder}); wait for it to "
-          "finish or use another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    yield
-  finally:
-    os.close(fd)  # Closing the descriptor releases the lock.
-
-
-@dataclasses.dataclass
-class Run:
-  """An open, locked workdir: the saved results if it finished, else a run to (re)start.
-
-  Opened `strict` (train, robustness, benchmark_attack), a run is one artifact of the whole
-  config: a changed config is refused once there is work. Staged runs (adcorda, quantize,
-  compression_study) fingerprint each stage instead and record the config as information.
-  """
-  path: Path
-  config: dict[str, Any]
-  finished: dict[str, Any] | None
-  extended_from: dict[str, Any] = dataclasses.field(default_factory=dict)  # key -> old value.
-
-  def claim(self) -> None:
-    """Records the config; call it once everything checkable before work has been checked."""
-    if self.finished is None:
-      write_json_atomic(self.path / CONFIG_FILE, self.config)
-
-
-def _increases(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> dict[str, Any]:
-  """{key: old value} if every key's value is a number that grew, else {}."""
-  old_flat, new_flat = _flatten(old), _flatten(new)
-  grown = {}
-  for key in keys:
-    before, after = old_flat.get(key), new_flat.get(key)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (before, after)):
-      return {}
-    if after <= before:
-      return {}
-    grown[key] = before
-  return grown
-
-
-def _check_same(recorded: dict[str, Any], current: dict[str, Any], ignore: frozenset[str],
-                extendable: frozenset[str], what: str) -> dict[str, Any]:
-  """Refuses a config that differs from `recorded` outside `ignore`, unless only `extendable`
-  keys grew: then returns {key: recorded value} for them."""
-  differences = config_differences(recorded, current, ignore)
-  if not differences:
-    return {}
-  if set(differences) <= extendable:
-    grown = _increases(recorded, current, differences)
-    if grown:
-      return grown
-  grow = sorted(set(differences) & extendable)
-  how = f"; {', '.join(grow)} may only grow (that continues the run)" if grow else ""
-  raise mismatch_error(what, differences,
-                       f"use a new --workdir or restore the original values{how}", ConfigError)
-
-
-@contextlib.contextmanager
-def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
-             strict: bool = True, ignore: Iterable[str] = RESUMABLE_KEYS,
-             extendable: Iterable[str] = ()) -> Iterator[Run]:
-  """Prepares and locks `workdir` for `config` for the duration of the block.
-
-  Raises a one-line CheckpointError if another run holds the lock, or (`strict`) if the workdir
-  holds work of a config that differs outside `ignore`. A finished run of the same config comes
-  back as `run.finished` and nothing is rewritten. Raising only `extendable` integer keys (e.g.
-  `train.epochs`) continues the run: `run.extended_from` holds their previous values.
-  """
-  path = prepare(workdir)
-  current = config_to_dict(config)
-  ignore, extendable = frozenset(ignore), frozenset(extendable)
-  extended_from: dict[str, Any] = {}
-  with locked(path):
-    config_path = path / CONFIG_FILE
-    if strict and config_path.exists() and has_work(path):
-      extended_from = _check_same(read_json(config_path), current, ignore, extendable,
-                                  f"workdir {str(path)!r}")
-    finished = finished_results(path)
-    if finished is not None:
-      changed = config_differences(finished.get("config", {}), current, ignore)
-      if changed and strict:
-        extended_from = _check_same(finished.get("config", {}), current, ignore, extendable,
-                                    f"the finished run in {str(path)!r}") or extended_from
-      if changed:
-        finished = None  # Extended, or staged (the stages decide what is still valid).
-    if finished is not None:
-      logging.info("Run in %s already finished; returning its saved results.", path)
-    yield Run(path=path, config=current, finished=finished, extended_from=extended_from)
-
-
-def finished_results(workdir: Path) -> dict[str, Any] | None:
-  """The saved results of a finished run in `workdir`, or None if it has not finished."""
-  path = workdir / RESULTS_FILE
-  if not path.exists():
-    return None
-  results = read_json(path)
-  return results if isinstance(results, dict) and results.get("status") == "complete" else None
+  return json.loads(json.dumps(config.to_dict(), default=json_default))

@@ -29,6 +29,7 @@ import numpy as np
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.attacks.driver import SplitAttackResult, data_digest, save_npz_atomic
 from adcorda_jax.attacks.specs import AttackSpec
+from adcorda_jax.pipeline import stage
 from adcorda_jax.errors import CheckpointError, ConfigError
 
 FAILURE_POLICIES = ("keep_best", "keep_original", "drop")
@@ -204,12 +205,9 @@ def load_corrected_set(directory: str | Path, expected_provenance: dict[str, Any
   sidecar = workdir_lib.read_json(sidecar_path)
   if not isinstance(sidecar, dict) or not isinstance(sidecar.get("provenance"), dict):
     raise CheckpointError(f"{str(sidecar_path)!r} has no provenance record; delete the directory")
-  expected = json.loads(json.dumps(expected_provenance))
-  differences = workdir_lib.config_differences(sidecar["provenance"], expected, ignore=())
-  if differences:
-    shown = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
-    raise CheckpointError(f"corrected set in {str(directory)!r} was made from different inputs "
-                          f"(differs at: {shown}); delete it or use another directory")
+  stage.check(sidecar["provenance"], expected_provenance,
+              f"the corrected set in {str(directory)!r}",
+              remedy="delete it or use another directory")
   try:
     with np.load(arrays_path) as data:
       arrays = {name: data[name] for name in ("images", "labels", "changed", "source_index")}

@@ -14,8 +14,6 @@ Layout of `out_dir`: attack.json, arrays.npz (when finished), batches/batch_0000
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ from adcorda_jax import faults, workdir as workdir_lib
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
 from adcorda_jax.attacks.specs import AttackSpec, check_eps
-from adcorda_jax.errors import CheckpointError, ConfigError
+from adcorda_jax.errors import ConfigError
+from adcorda_jax.pipeline import fingerprint as fingerprint_lib, stage
 from adcorda_jax.progress import Progress
 from adcorda_jax.training import sharding
 
@@ -172,11 +171,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
 
 def data_digest(images: np.ndarray, labels: np.ndarray) -> str:
   """A content hash of the attacked examples, part of a run's fingerprint."""
-  digest = hashlib.sha1()
-  for array in (np.ascontiguousarray(images), np.ascontiguousarray(labels)):
-    digest.update(str((array.shape, array.dtype.str)).encode())
-    digest.update(memoryview(array).cast("B"))
-  return digest.hexdigest()
+  return fingerprint_lib.arrays_digest(images, labels)
 
 
 def fingerprint(spec: AttackSpec, eps: float, images: np.ndarray, labels: np.ndarray,
@@ -186,20 +181,15 @@ def fingerprint(spec: AttackSpec, eps: float, images: np.ndarray, labels: np.nda
             "batch_size": int(batch_size), "save_adversarial": bool(save_adversarial),
             "key": np.asarray(jax.random.key_data(key)).tolist(),
             "data_sha1": data_digest(images, labels)}
-  return json.loads(json.dumps(record))
+  return fingerprint_lib.normalized(record)
 
 
 def _claim(out_dir: Path, expected: dict[str, Any]) -> None:
   """Records the fingerprint in `out_dir`, or checks it matches the one already there."""
   path = out_dir / FINGERPRINT_FILE
   if path.exists():
-    differences = workdir_lib.config_differences(workdir_lib.read_json(path), expected,
-                                                 ignore=())
-    if differences:
-      shown = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
-      raise CheckpointError(
-          f"{str(out_dir)!r} holds results of a different attack run (differs at: {shown}); "
-          "use another directory or delete it")
+    stage.check(workdir_lib.read_json(path), expected, f"the attack run in {str(out_dir)!r}",
+                remedy="use another directory or delete it")
     return
   workdir_lib.write_json_atomic(path, expected)
 

@@ -63,9 +63,6 @@ class DistillState(steps.TrainState):
                         opt_state=opt_state, batch_stats=batch_stats)
 
 
-StepCallback = Callable[[int, DistillState], None]
-
-
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
   """The validated `config.distill` section (the optimizer fields stay in `optimizer`)."""
@@ -171,10 +168,7 @@ def distill_step(state: DistillState, batch: steps.Batch, rng: jax.Array, *,
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   new_state = state.apply_joint_gradients(grads, batch_stats)
-  metrics["params_finite"] = jnp.all(jnp.stack(
-      [jnp.isfinite(leaf).all()
-       for leaf in jax.tree.leaves((new_state.params, new_state.projection))])
-  ).astype(jnp.float32)
+  metrics["params_finite"] = steps.params_finite((new_state.params, new_state.projection))
   return new_state, metrics
 
 
@@ -230,7 +224,7 @@ class Distiller:
 
   def run(self, student_variables: dict[str, Any], data: Arrays, *, seed: int,
           directory: str | Path, meta: dict[str, Any], description: str = "distill",
-          step_callback: StepCallback | None = None) -> DistillResult:
+          step_callback: resumable.StepCallback | None = None) -> DistillResult:
     """Distills the teacher into `student_variables`, checkpointing in `<directory>/checkpoints`.
 
     Args:

@@ -1,4 +1,7 @@
-"""`model.quant`: how a float checkpoint becomes the quantized network tasks evaluate and attack.
+"""`model.quant`: how a float checkpoint becomes the network tasks evaluate, attack and fine-tune.
+
+A `Deployment` is that recipe: `FloatDeployment` (no `model.quant`: the network as trained) or
+`Quantization` (weight-quantized), so a task runs the same code for both.
 
 Quantization is applied to *parameters*, never to the model definition, so every registered model
 and every consumer (evaluation, attacks and their fast input-gradient path, fine-tuning) works
@@ -20,7 +23,7 @@ the float model's gradient instead (see `quantized_model.quantized_logits_fn`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import ml_collections
@@ -36,6 +39,51 @@ from adcorda_jax.quant.quantized_model import (ApplyFn, fake_quantize_params, fo
 
 PREFIX = "model.quant"
 ATTACK_GRADIENTS = ("ste", "bpda")
+
+
+class Deployment(Protocol):
+  """How trained float variables become the network that is evaluated and attacked."""
+
+  def deploy(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """The deployed network's variables, from a float checkpoint's (post-training)."""
+
+  def train_apply_fn(self, model: nn.Module) -> ApplyFn | None:
+    """What fine-tuning differentiates (None: `model.apply`)."""
+
+  def trained(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """The deployed network's variables, from fine-tuned ones (after `train_apply_fn`)."""
+
+  def size_bytes(self, params: Any) -> int:
+    """The deployed network's parameter storage in bytes."""
+
+  def fingerprint(self) -> dict[str, Any]:
+    """Flat dotted config keys of everything that changes the deployed network."""
+
+  def summary(self, params: Any) -> dict[str, Any] | None:
+    """What results.json records of the deployment (None for a float network)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatDeployment:
+  """The network as trained: float32 weights, nothing changed."""
+
+  def deploy(self, variables: dict[str, Any]) -> dict[str, Any]:
+    return variables
+
+  def train_apply_fn(self, model: nn.Module) -> ApplyFn | None:
+    return None
+
+  def trained(self, variables: dict[str, Any]) -> dict[str, Any]:
+    return variables
+
+  def size_bytes(self, params: Any) -> int:
+    return model_size_bytes(params)
+
+  def fingerprint(self) -> dict[str, Any]:
+    return {}
+
+  def summary(self, params: Any) -> dict[str, Any] | None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +134,25 @@ class Quantization:
 
   def size_bytes(self, params: Any) -> int:
     return model_size_bytes(params, self.spec)
+
+  @property
+  def granularity(self) -> str:
+    return "per_channel" if self.spec.per_channel else "per_tensor"
+
+  # The Deployment protocol: PTQ deploys a checkpoint, QAT fine-tunes through fake quantization.
+  def deploy(self, variables: dict[str, Any]) -> dict[str, Any]:
+    return self.ptq_variables(variables)
+
+  def train_apply_fn(self, model: nn.Module) -> ApplyFn | None:
+    return self.qat_apply_fn(model)
+
+  def trained(self, variables: dict[str, Any]) -> dict[str, Any]:
+    return self.qat_variables(variables)
+
+  def summary(self, params: Any) -> dict[str, Any] | None:
+    return {"weight_bits": self.spec.bits, "per_channel": self.spec.per_channel,
+            "symmetric": self.spec.symmetric, "calibration": self.calibration,
+            "float_size_bytes": model_size_bytes(params), "size_bytes": self.size_bytes(params)}
 
 
 def quantization_from_config(model_config: ml_collections.ConfigDict | None

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from adcorda_jax.reporting import plots
-from adcorda_jax.reporting.robustness_report import eps_dir_tag, eps_key, eps_label
+from adcorda_jax.attacks.eps import eps_dir_tag, eps_key, eps_label
 
 __all__ = ["adcorda_markdown", "eps_dir_tag", "eps_key", "eps_label", "plot_accuracy",
            "plot_corrections", "summary_line"]

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from adcorda_jax.reporting import plots
-from adcorda_jax.reporting.robustness_report import eps_key, eps_label
+from adcorda_jax.attacks.eps import eps_key, eps_label
 
 
 def _percent(value: float | None, std: float | None = None) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from adcorda_jax.reporting import plots
-from adcorda_jax.reporting.robustness_report import eps_key, eps_label
+from adcorda_jax.attacks.eps import eps_key, eps_label
 from adcorda_jax.study import findings
 
 _MARKERS = {"filter_pruning": "s", "magnitude_pruning": "^", "distillation": "o", "ptq": "D"}

@@ -22,7 +22,6 @@ Every variant is evaluated like AdCorDA's (clean train/val/test, robust test acc
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ import numpy as np
 from absl import logging
 
 from adcorda_jax import config_checks
-from adcorda_jax import workdir as workdir_lib
-from adcorda_jax.adcorda import finetune, stages
+from adcorda_jax import pipeline
+from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS, without_alignment
 from adcorda_jax.data import Dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant import calibration, export
@@ -43,8 +42,10 @@ from adcorda_jax.quant.fake_quant import WEIGHT_BITS, QuantSpec
 from adcorda_jax.quant.quantized_model import (fake_quantize_params, quantized_apply_fn,
                                                quantized_logits_fn)
 from adcorda_jax.reporting import quantize_report
-from adcorda_jax.tasks import common, model_evaluation
-from adcorda_jax.training import batches, sharding
+from adcorda_jax.evaluate import Evaluator, aggregate, make_predictor, read_evaluation
+from adcorda_jax.pipeline.fingerprint import config_keys
+from adcorda_jax.training import batches, finetune, sharding
+from adcorda_jax.training.baseline import Baseline, load_baseline
 
 GRANULARITIES = ("per_tensor", "per_channel")
 
@@ -110,9 +111,9 @@ def read_quantize_settings(config: ml_collections.ConfigDict) -> QuantizeSetting
       template=template)
 
 
-def _ptq_evaluator(evaluator: model_evaluation.Evaluator, model: Any, quant: Quantization,
+def _ptq_evaluator(evaluator: Evaluator, model: Any, quant: Quantization,
                    dataset: Dataset, examples: int, deployed: dict[str, Any]
-                   ) -> model_evaluation.Evaluator:
+                   ) -> Evaluator:
   """`evaluator` for the network `deployed` runs as: with quantized activations if configured."""
   if quant.activation_spec is None:
     return evaluator
@@ -126,14 +127,14 @@ def _ptq_evaluator(evaluator: model_evaluation.Evaluator, model: Any, quant: Qua
                                   straight_through=quant.attack_gradient == "ste",
                                   activation_spec=quant.activation_spec)
   return dataclasses.replace(
-      evaluator, predict=model_evaluation.make_predictor(apply, evaluator.batch_size,
+      evaluator, predict=make_predictor(apply, evaluator.batch_size,
                                                          evaluator.mesh),
       attack_model_fn=lambda variables: (logits_fn, variables))
 
 
 def _export_and_check(directory: Path, name: str, calibrated: dict[str, Any], scales: Any,
                       spec: QuantSpec, deployed: dict[str, Any],
-                      evaluator: model_evaluation.Evaluator, images: np.ndarray,
+                      evaluator: Evaluator, images: np.ndarray,
                       labels: np.ndarray) -> dict[str, Any]:
   """Writes the integer model, reads it back and compares it with the fake-quantized one.
 
@@ -161,127 +162,138 @@ def _export_and_check(directory: Path, name: str, calibrated: dict[str, Any], sc
 
 def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Runs the float / PTQ / QAT comparison in `workdir`; returns (and saves) the results."""
-  with common.open_staged_run(config, workdir) as run:
+  with pipeline.open_run(workdir, config, task=config.get("task", "quantize"),
+                         strict=False) as run:
     if run.finished is not None:
       return run.finished
-    return _quantize(config, run)
+    settings = read_quantize_settings(config)
+    evaluation = read_evaluation(config)
+    adapt = finetune.read_finetune_settings(config) if settings.qat_bits else None
+    mesh = sharding.make_mesh()
+    sharding.check_divisible(evaluation.batch_size, "evaluate.batch_size", mesh)
+    if adapt is not None:
+      sharding.check_divisible(adapt.batch_size, "adapt.batch_size", mesh)
+    run.claim()  # Every setting is checked, against the mesh too: work starts here.
+
+    baseline = load_baseline(config, settings.checkpoint, "quantize.checkpoint", run.path)
+    evaluator = Evaluator.of(evaluation, baseline.dataset, baseline.model,
+                             jax.random.fold_in(jax.random.key(config.get("seed", 0)), 2), mesh,
+                             retired_keys=ALIGNMENT_KEYS)
+    cells = _Cells(run.path, baseline, evaluator,
+                   {**baseline.fingerprint, **config_keys(config, ("evaluate",))})
+    cells.float_variant()
+    cells.ptq_variants(settings)
+    if adapt is not None:
+      cells.qat_variants(settings, adapt, without_alignment(config_keys(config, ("adapt",))))
+    template = settings.template
+    results = run.results(
+        dataset=baseline.dataset.name, model=baseline.meta["model"]["name"],
+        baseline_checkpoint=str(baseline.checkpoint), data_source=baseline.data_source,
+        seeds=list(settings.seeds), variant_order=list(cells.variants), variants=cells.variants,
+        quantization={"symmetric": template.spec.symmetric,
+                      "calibration": template.calibration,
+                      "fold_batch_norm": template.fold_batch_norm,
+                      "activation_bits": (template.activation_spec.bits
+                                          if template.activation_spec else 0),
+                      "attack_gradient": template.attack_gradient,
+                      "float_size_bytes": cells.float_bytes},
+        evaluate=evaluation.summary(evaluator.robust_examples))
+    return run.finish(
+        results, report=quantize_report.quantize_markdown(results),
+        summary=quantize_report.summary_line(results),
+        plots=[lambda: quantize_report.plot_accuracy_vs_bits(
+            results, run.path / "accuracy_vs_bits.png")])
 
 
-def _quantize(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str, Any]:
-  wall_start = time.perf_counter()
-  workdir = run.path
-  settings = read_quantize_settings(config)
-  evaluation = stages.read_evaluation(config)
-  adapt = finetune.read_adapt_settings(config) if settings.qat_bits else None
-  seed = config.get("seed", 0)
-  run.claim()  # Every setting is checked: work starts here.
+@dataclasses.dataclass
+class _Cells:
+  """The variants of one baseline, evaluated (and exported) into `variants` in order."""
+  workdir: Path
+  baseline: Baseline
+  evaluator: Evaluator
+  evaluate_keys: dict[str, Any]
+  variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-  baseline = common.load_baseline(config, settings.checkpoint, "quantize.checkpoint", workdir)
-  variables, meta, model = baseline.variables, baseline.meta, baseline.model
-  dataset, base_fingerprint = baseline.dataset, baseline.fingerprint
-  mesh = sharding.make_mesh()
-  evaluator = model_evaluation.Evaluator(
-      dataset, model, model_evaluation.make_predictor(model.apply, evaluation.batch_size, mesh),
-      evaluation.specs, evaluation.eps, evaluation.batch_size, evaluation.max_examples,
-      jax.random.fold_in(jax.random.key(seed), 2), mesh)
-  evaluate_keys = {**base_fingerprint, **stages.config_fingerprint(config, ("evaluate",))}
-  params = variables["params"]
-  float_bytes = export.model_size_bytes(params)
-  variants: dict[str, dict[str, Any]] = {}
+  @property
+  def float_bytes(self) -> int:
+    return export.model_size_bytes(self.baseline.variables["params"])
 
-  def record(name: str, runs: list[dict[str, Any]], **fields: Any) -> None:
-    summary = model_evaluation.aggregate(runs)
-    variants[name] = {**summary, **fields,
-                      "compression_ratio": float_bytes / fields["size_bytes"]}
+  def record(self, name: str, runs: list[dict[str, Any]], **fields: Any) -> None:
+    summary = aggregate(runs)
+    self.variants[name] = {**summary, **fields,
+                           "compression_ratio": self.float_bytes / fields["size_bytes"]}
     logging.info("%s: test accuracy %.4f, %d bytes.", name, summary["test_accuracy"],
                  fields["size_bytes"])
 
-  record("float", [evaluator(variables, workdir / "evaluate" / "float", evaluate_keys, "float")],
-         kind="float", bits=32, granularity=None, size_bytes=float_bytes)
+  def float_variant(self) -> None:
+    """`float`: the network as trained."""
+    self.record("float", [self.evaluator(self.baseline.variables,
+                                         self.workdir / "evaluate" / "float",
+                                         self.evaluate_keys, "float")],
+                kind="float", bits=32, granularity=None, size_bytes=self.float_bytes)
 
-  test = dataset.test
-  for bits in settings.bits:
-    for granularity in settings.granularities:
-      quant = settings.template.with_spec(QuantSpec(
-          bits, granularity == "per_channel", settings.template.spec.symmetric))
-      name = f"ptq_{quant.tag}_{granularity}"
-      calibrated, scales = quant.ptq_scales(variables)
-      deployed = {**calibrated, "params": fake_quantize_params(calibrated["params"], scales,
-                                                               quant.spec)}
-      cell = _ptq_evaluator(evaluator, model, quant, dataset, settings.calibration_examples,
-                            deployed)
-      outputs = cell(deployed, workdir / "evaluate" / name,
-                     {**evaluate_keys, **quant.fingerprint(),
-                      "quantize.calibration_examples": settings.calibration_examples}, name)
-      exported = _export_and_check(workdir / "exported", name, calibrated, scales, quant.spec,
-                                   deployed, cell, test.images, test.labels)
-      if not exported["export_matches"]:
-        logging.warning("%s: the exported integer model differs from the fake-quantized one "
-                        "(max weight difference %g).", name,
-                        exported["export_max_weight_difference"])
-      record(name, [outputs], kind="ptq", bits=bits, granularity=granularity,
-             calibration=quant.calibration, size_bytes=quant.size_bytes(calibrated["params"]),
-             **exported)
+  def ptq_variants(self, settings: QuantizeSettings) -> None:
+    """`ptq_w<bits>_<granularity>`: calibrated, exported, read back and evaluated."""
+    variables, model, dataset = self.baseline.variables, self.baseline.model, self.baseline.dataset
+    test = dataset.test
+    for bits in settings.bits:
+      for granularity in settings.granularities:
+        quant = settings.template.with_spec(QuantSpec(
+            bits, granularity == "per_channel", settings.template.spec.symmetric))
+        name = f"ptq_{quant.tag}_{granularity}"
+        calibrated, scales = quant.ptq_scales(variables)
+        deployed = {**calibrated, "params": fake_quantize_params(calibrated["params"], scales,
+                                                                 quant.spec)}
+        cell = _ptq_evaluator(self.evaluator, model, quant, dataset,
+                              settings.calibration_examples, deployed)
+        outputs = cell(deployed, self.workdir / "evaluate" / name,
+                       {**self.evaluate_keys, **quant.fingerprint(),
+                        "quantize.calibration_examples": settings.calibration_examples}, name)
+        exported = _export_and_check(self.workdir / "exported", name, calibrated, scales,
+                                     quant.spec, deployed, cell, test.images, test.labels)
+        if not exported["export_matches"]:
+          logging.warning("%s: the exported integer model differs from the fake-quantized one "
+                          "(max weight difference %g).", name,
+                          exported["export_max_weight_difference"])
+        self.record(name, [outputs], kind="ptq", bits=bits, granularity=granularity,
+                    calibration=quant.calibration,
+                    size_bytes=quant.size_bytes(calibrated["params"]), **exported)
 
-  if settings.qat_bits:
+  def qat_variants(self, settings: QuantizeSettings, adapt: finetune.FinetuneSettings,
+                   adapt_keys: dict[str, Any]) -> None:
+    """`qat_w<bits>`: quantization-aware fine-tuning per seed, exported and evaluated."""
+    baseline, evaluator = self.baseline, self.evaluator
+    variables, model, dataset = baseline.variables, baseline.model, baseline.dataset
+    params, test = variables["params"], dataset.test
     steps_per_epoch = batches.steps_per_epoch(len(dataset.train), adapt.batch_size)
-    adapt_keys = stages.without_alignment(stages.config_fingerprint(config, ("adapt",)))
     granularity = "per_channel" if settings.template.spec.per_channel else "per_tensor"
     for bits in settings.qat_bits:
       quant = settings.template.with_spec(dataclasses.replace(settings.template.spec, bits=bits))
       runner = finetune.Finetuner(
           model, params, adapt, total_steps=adapt.epochs * steps_per_epoch,
-          steps_per_epoch=steps_per_epoch, num_classes=dataset.num_classes, with_target=False,
+          steps_per_epoch=steps_per_epoch, num_classes=dataset.num_classes,
           apply_fn=quant.qat_apply_fn(model))
       name = f"qat_{quant.tag}"
       runs = []
       for run_seed in settings.seeds:
-        directory = workdir / "qat" / name / f"seed{run_seed}"
-        fingerprint = {**base_fingerprint, **quant.fingerprint(), **adapt_keys,
+        fingerprint = {**baseline.fingerprint, **quant.fingerprint(), **adapt_keys,
                        "adapt.seed": run_seed}
-        stages.claim(directory, "qat", fingerprint)
+        stage = pipeline.Stage(self.workdir / "qat" / name / f"seed{run_seed}", "qat",
+                               fingerprint, ALIGNMENT_KEYS).claim()
         result = runner.run(variables, (dataset.train.images, dataset.train.labels), None,
-                            seed=run_seed, directory=directory,
-                            meta={**meta, "variant": name, "seed": run_seed},
+                            seed=run_seed, directory=stage.directory,
+                            meta={**baseline.meta, "variant": name, "seed": run_seed},
                             description=f"{name} seed {run_seed}")
         deployed = quant.qat_variables(result.variables)
         runs.append({"seed": run_seed, **evaluator(
-            deployed, workdir / "evaluate" / name / f"seed{run_seed}",
-            {**evaluate_keys, **fingerprint}, f"{name} seed {run_seed}"),
-            **_export_and_check(workdir / "exported", f"{name}_seed{run_seed}",
+            deployed, self.workdir / "evaluate" / name / f"seed{run_seed}",
+            {**self.evaluate_keys, **fingerprint}, f"{name} seed {run_seed}"),
+            **_export_and_check(self.workdir / "exported", f"{name}_seed{run_seed}",
                                 result.variables, None, quant.spec, deployed, evaluator,
                                 test.images, test.labels)})
-      record(name, runs, kind="qat", bits=bits, granularity=granularity, calibration="minmax",
-             size_bytes=quant.size_bytes(params), steps=adapt.epochs * steps_per_epoch,
-             exported_test_accuracy=float(np.mean([r["exported_test_accuracy"] for r in runs])),
-             export_matches=all(r["export_matches"] for r in runs))
-
-  results: dict[str, Any] = {
-      "status": "complete",
-      "task": config.get("task", "quantize"),
-      "dataset": dataset.name,
-      "model": meta["model"]["name"],
-      "baseline_checkpoint": str(baseline.checkpoint),
-      "data_source": baseline.data_source,
-      "seeds": list(settings.seeds),
-      "variant_order": list(variants),
-      "variants": variants,
-      "quantization": {"symmetric": settings.template.spec.symmetric,
-                       "calibration": settings.template.calibration,
-                       "fold_batch_norm": settings.template.fold_batch_norm,
-                       "activation_bits": (settings.template.activation_spec.bits
-                                           if settings.template.activation_spec else 0),
-                       "attack_gradient": settings.template.attack_gradient,
-                       "float_size_bytes": float_bytes},
-      "evaluate": common.evaluation_summary(evaluation, evaluator.robust_examples),
-      "devices": mesh.devices.size,
-      "backend": jax.default_backend(),
-      "wall_seconds": time.perf_counter() - wall_start,
-      "config": run.config,
-  }
-  common.save_results(
-      workdir, results, markdown=quantize_report.quantize_markdown(results),
-      summary=quantize_report.summary_line(results),
-      plots=[lambda: quantize_report.plot_accuracy_vs_bits(results,
-                                                           workdir / "accuracy_vs_bits.png")])
-  return results
+      self.record(name, runs, kind="qat", bits=bits, granularity=granularity,
+                  calibration="minmax", size_bytes=quant.size_bytes(params),
+                  steps=adapt.epochs * steps_per_epoch,
+                  exported_test_accuracy=float(np.mean([r["exported_test_accuracy"]
+                                                        for r in runs])),
+                  export_matches=all(r["export_matches"] for r in runs))

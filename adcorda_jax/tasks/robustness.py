@@ -12,7 +12,6 @@ run at its first unfinished batch and returns the saved results of a finished on
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adcorda_jax import config_checks, workdir as workdir_lib
+from adcorda_jax import config_checks, pipeline
 from adcorda_jax.attacks import norms
 from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
 from adcorda_jax.attacks.model_fn import attack_model
-from adcorda_jax.attacks.specs import (SECTIONS, UNTARGETED, AttackSpec, check_eps_grid,
-                                       parse_attack_names, spec_from_config)
+from adcorda_jax.attacks.eps import eps_dir_tag, eps_key, eps_label
+from adcorda_jax.attacks.specs import AttackSpec, attacks_from_config, check_eps_grid
 from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import ConfigError
+from adcorda_jax.evaluate.settings import check_eps_names
 from adcorda_jax.reporting import robustness_report
 from adcorda_jax.training import checkpointing, sharding
 from adcorda_jax.training.provenance import check_data_matches, training_data
@@ -64,13 +64,9 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
                       f"got {checkpoint!r}")
   split = config_checks.one_of(section, "split", _PREFIX, SPLITS, default="test")
   norm = config_checks.one_of(section, "norm", _PREFIX, norms.NORMS, default="linf")
-  names = parse_attack_names(section.get("attacks", "pgd"), f"{_PREFIX}.attacks", UNTARGETED)
-  specs = tuple(spec_from_config(name, norm, section.get(SECTIONS[name]),
-                                 f"{_PREFIX}.{SECTIONS[name]}") for name in names)
+  specs = attacks_from_config(section, _PREFIX, default="pgd")
   eps = check_eps_grid(section.get("eps", ()), f"{_PREFIX}.eps")
-  keys = [robustness_report.eps_key(e) for e in eps]
-  if len(set(keys)) != len(keys):
-    raise ConfigError(f"{_PREFIX}.eps has values too close to tell apart: {section.eps!r}")
+  check_eps_names(eps, f"{_PREFIX}.eps", section.get("eps"))
   save_adversarial = section.get("save_adversarial", False)
   if not isinstance(save_adversarial, bool):
     raise ConfigError(f"{_PREFIX}.save_adversarial must be True or False, "
@@ -89,7 +85,7 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
 
 def _record(spec: AttackSpec, result: SplitAttackResult) -> dict[str, Any]:
   return {"attack": spec.name, "norm": spec.norm, "eps": result.eps,
-          "eps_label": robustness_report.eps_label(result.eps),
+          "eps_label": eps_label(result.eps),
           "robust_accuracy": result.robust_accuracy, "success_rate": result.success_rate,
           "mean_perturbation_norm": result.mean_perturbation_norm,
           "mean_steps": result.mean_steps, "seconds": result.seconds,
@@ -107,15 +103,14 @@ def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
   Returns:
     The results dict, also saved as `<workdir>/results.json` (plus report.md, robustness.png).
   """
-  with workdir_lib.open_run(workdir, config) as run:
+  with pipeline.open_run(workdir, config, task=config.get("task", "robustness")) as run:
     if run.finished is not None:
       return run.finished
     return _evaluate(config, run, batch_callback)
 
 
-def _evaluate(config: ml_collections.ConfigDict, run: workdir_lib.Run,
+def _evaluate(config: ml_collections.ConfigDict, run: pipeline.Run,
               batch_callback: BatchCallback | None) -> dict[str, Any]:
-  wall_start = time.perf_counter()
   workdir = run.path
   settings = read_settings(config)
   seed = config.get("seed", 0)
@@ -146,54 +141,35 @@ def _evaluate(config: ml_collections.ConfigDict, run: workdir_lib.Run,
   robust_to_all: dict[str, np.ndarray] = {}  # eps key -> [N] bool, correct under every attack.
   for spec in settings.specs:
     for eps in settings.eps:
-      tag = robustness_report.eps_dir_tag(eps)
+      tag = eps_dir_tag(eps)
       result = attack_split(
           spec, logits_fn, params, images, labels, eps=eps, batch_size=settings.batch_size,
           key=key, mesh=mesh, out_dir=workdir / ATTACKS_DIR / f"{spec.name}_{spec.norm}_eps{tag}",
           save_adversarial=settings.save_adversarial,
-          description=f"{spec.name} eps={robustness_report.eps_label(eps)}",
+          description=f"{spec.name} eps={eps_label(eps)}",
           batch_size_key=f"{_PREFIX}.batch_size", batch_callback=batch_callback)
       if clean_accuracy is None:
         clean_accuracy = result.clean_accuracy
       records.append(_record(spec, result))
-      eps_key = robustness_report.eps_key(eps)
-      robust_to_all[eps_key] = robust_to_all.get(eps_key, result.final_correct) \
-          & result.final_correct
+      name = eps_key(eps)
+      robust_to_all[name] = robust_to_all.get(name, result.final_correct) & result.final_correct
       logging.info("%s eps=%s: robust accuracy %.4f (clean %.4f), %.1f s", spec.name,
-                   robustness_report.eps_label(eps), result.robust_accuracy,
+                   eps_label(eps), result.robust_accuracy,
                    result.clean_accuracy, result.seconds)
 
-  robust = {spec.name: {robustness_report.eps_key(r["eps"]): r["robust_accuracy"]
+  robust = {spec.name: {eps_key(r["eps"]): r["robust_accuracy"]
                         for r in records if r["attack"] == spec.name}
             for spec in settings.specs}
-  results: dict[str, Any] = {
-      "status": "complete",
-      "task": config.get("task", "robustness"),
-      "checkpoint": str(settings.checkpoint),
-      "dataset": dataset.name,
-      "data_source": data_source,
-      "model": meta["model"]["name"],
-      "split": settings.split,
-      "num_examples": count,
-      "norm": settings.norm,
-      "attacks": [spec.name for spec in settings.specs],  # Config order (JSON sorts dict keys).
-      "eps": list(settings.eps),
-      "clean_accuracy": clean_accuracy,
-      "robust_accuracy": robust,
+  results = run.results(
+      checkpoint=str(settings.checkpoint), dataset=dataset.name, data_source=data_source,
+      model=meta["model"]["name"], split=settings.split, num_examples=count, norm=settings.norm,
+      attacks=[spec.name for spec in settings.specs],  # Config order (JSON sorts dict keys).
+      eps=list(settings.eps), clean_accuracy=clean_accuracy, robust_accuracy=robust,
       # Per eps, the fraction that every attack failed on (per example, as AutoAttack counts).
-      "worst_case_accuracy": {k: float(np.mean(v)) for k, v in robust_to_all.items()},
-      "records": records,
-      "attack_descriptions": {spec.name: spec.describe() for spec in settings.specs},
-      "devices": mesh.devices.size,
-      "backend": jax.default_backend(),
-      "wall_seconds": time.perf_counter() - wall_start,
-      "config": workdir_lib.config_to_dict(config),
-  }
-  if workdir_lib.is_writer():
-    robustness_report.plot_robustness(results, workdir / "robustness.png")
-    workdir_lib.write_text_atomic(workdir / "report.md",
-                                  robustness_report.robustness_markdown(results))
-  workdir_lib.write_json_atomic(workdir / workdir_lib.RESULTS_FILE, results)
-  logging.info("Done: clean accuracy %.4f; results in %s", clean_accuracy,
-               workdir / workdir_lib.RESULTS_FILE)
-  return results
+      worst_case_accuracy={k: float(np.mean(v)) for k, v in robust_to_all.items()},
+      records=records,
+      attack_descriptions={spec.name: spec.describe() for spec in settings.specs})
+  return run.finish(
+      results, report=robustness_report.robustness_markdown(results),
+      summary=f"clean accuracy {clean_accuracy:.4f}",
+      plots=[lambda: robustness_report.plot_robustness(results, workdir / "robustness.png")])

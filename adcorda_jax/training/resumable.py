@@ -1,17 +1,20 @@
-"""The resumable step loop shared by fine-tuning (AdCorDA, QAT, pruning) and distillation.
+"""The one resumable training loop: task=train, fine-tuning (AdCorDA, QAT, pruning), distillation.
 
 Restores the newest readable orbax checkpoint in `<directory>/checkpoints` (or starts at step 0),
 runs the remaining steps, logs averaged metrics to `metrics.jsonl` and the progress line, stops
 with a one-line TrainingError naming the first step whose loss or parameters are not finite, and
 checkpoints every `checkpoint_every` steps, at the end, and once on SIGINT/SIGTERM. A run's
 batches are pure functions of the step, so a resumed run follows exactly the trajectory of an
-uninterrupted one. `task=train` shares the helpers below (restore, divergence, interrupt save).
+uninterrupted one. With an epoch hook it validates at each epoch's end; with `examples_per_step`
+it measures training throughput.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -25,7 +28,8 @@ from adcorda_jax.training import checkpointing
 
 # (state, step index from 0) -> (new state, metrics incl. `loss` and `params_finite`).
 StepFn = Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]
-StepCallback = Callable[[int, Any], None]
+StepCallback = Callable[[int, Any], None]  # (step, state) after each step: tests, notebooks.
+EpochHook = Callable[[int, Any], "dict[str, float] | None"]  # (step, state) -> metrics to log.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class LoopSettings:
   checkpoint_every_steps: int  # 0 = once per epoch.
   max_checkpoints: int
   divergence_hint: str         # What to lower when the loss diverges, e.g. "adapt.learning_rate".
+  examples_per_step: int = 0   # > 0: log and return throughput (examples per second).
 
   @classmethod
   def of(cls, settings: Any, total_steps: int, steps_per_epoch: int, divergence_hint: str
@@ -54,6 +59,7 @@ class LoopResult:
   state: Any
   resumed_from_step: int
   final_metrics: dict[str, float]
+  examples_per_second: float | None = None  # With `LoopSettings.examples_per_step`.
 
 
 def mean_metrics(pending: list[dict[str, jax.Array]], first_step: int, directory: Path,
@@ -120,18 +126,25 @@ def save_on_interrupt(interrupt: KeyboardInterrupt, checkpointer: checkpointing.
 def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory: Path,
                   meta: dict[str, Any], description: str, what: str,
                   progress_keys: tuple[str, ...] = ("loss", "accuracy"),
-                  start_message: str = "", step_callback: StepCallback | None = None
-                  ) -> LoopResult:
+                  start_message: str = "", step_callback: StepCallback | None = None,
+                  on_restored: Callable[[int], None] | None = None,
+                  epoch_end: EpochHook | None = None) -> LoopResult:
   """Runs `step_fn` from the latest checkpoint in `directory` to `loop.total_steps`.
 
   `state` is the initial (replicated) train state; `meta` is saved with every checkpoint;
-  `start_message` is logged with the step counts when there is work left.
+  `start_message` is logged with the step counts when there is work left. `on_restored(step)`
+  runs once the checkpoint is restored, before any step (task=train claims its workdir there:
+  a checkpoint that does not fit must fail before the claim). `epoch_end(step, state)` runs at
+  each epoch's end (validation); the metrics it returns are logged. Throughput counts training
+  steps only: not the first (compiling) step, epoch hooks or saves.
   """
   directory.mkdir(parents=True, exist_ok=True)
   checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
                                             loop.max_checkpoints)
   state = restore(checkpointer, state)
   start_step = int(state.step)
+  if on_restored is not None:
+    on_restored(start_step)
   log = metrics_log.MetricsLog(directory / "metrics.jsonl")
   log.truncate_after(start_step)
   total_steps = loop.total_steps
@@ -142,19 +155,28 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
   progress = Progress(total_steps, description, initial=start_step)
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
+  clock = _Throughput()
   try:
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = step_fn(state, step - 1)
       pending.append(metrics)
+      clock.stepped(metrics)
+      end_of_epoch = epoch_end is not None and step % loop.steps_per_epoch == 0
       save_now = step % checkpoint_every == 0 or step == total_steps
-      if step % loop.log_every_steps == 0 or save_now:
+      if step % loop.log_every_steps == 0 or save_now or end_of_epoch:
         last = mean_metrics(pending, step - len(pending) + 1, directory, what,
                             loop.divergence_hint, checkpointer.latest_step())
         pending = []
-        log.write({"step": step, "epoch": step / loop.steps_per_epoch, **last})
+        rate = ({"examples_per_second": clock.rate(loop.examples_per_step)}
+                if loop.examples_per_step else {})
+        log.write({"step": step, "epoch": step / loop.steps_per_epoch, **last, **rate})
         progress.update(0, **{key: last[key] for key in progress_keys if key in last})
-      if save_now:
-        checkpointer.save(step, state, meta)
+      if end_of_epoch or save_now:
+        with clock.overhead(state):
+          if end_of_epoch:
+            _log_epoch(log, step, loop.steps_per_epoch, epoch_end(step, state))
+          if save_now:
+            checkpointer.save(step, state, meta)
       progress.update(1)
       if step_callback is not None:
         step_callback(step, state)
@@ -165,4 +187,49 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
   finally:
     progress.close()
     checkpointer.close()
-  return LoopResult(state=state, resumed_from_step=start_step, final_metrics=last)
+  seconds = clock.seconds()
+  return LoopResult(
+      state=state, resumed_from_step=start_step, final_metrics=last,
+      examples_per_second=(clock.timed_steps * loop.examples_per_step / seconds
+                           if seconds and loop.examples_per_step else None))
+
+
+def _log_epoch(log: metrics_log.MetricsLog, step: int, steps_per_epoch: int,
+               metrics: dict[str, float] | None) -> None:
+  if metrics is None:
+    return
+  epoch = step // steps_per_epoch
+  log.write({"step": step, "epoch": epoch, **metrics})
+  logging.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+class _Throughput:
+  """Seconds of training steps: from the end of the first (compiling) step, less overheads."""
+
+  def __init__(self):
+    self.start: float | None = None
+    self.timed_steps = 0
+    self.excluded = 0.0
+
+  def stepped(self, metrics: dict[str, jax.Array]) -> None:
+    if self.start is None:
+      jax.block_until_ready(metrics)
+      self.start = time.perf_counter()
+    else:
+      self.timed_steps += 1
+
+  def seconds(self) -> float:
+    return time.perf_counter() - self.start - self.excluded if self.start is not None else 0.0
+
+  def rate(self, examples_per_step: int) -> float:
+    return self.timed_steps * examples_per_step / max(self.seconds(), 1e-9)
+
+  @contextlib.contextmanager
+  def overhead(self, state: Any) -> Iterator[None]:
+    """Excludes the block's time; steps still in flight finish first and count as training."""
+    jax.block_until_ready(state)
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.excluded += time.perf_counter() - began

@@ -71,10 +71,15 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: 
     metrics["learning_rate"] = learning_rate_fn(state.step)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
   # The loss above is computed before the update: only this says the new state is safe to save.
-  metrics["params_finite"] = jnp.all(jnp.stack(
-      [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_state.params)])
-  ).astype(jnp.float32)
+  metrics["params_finite"] = params_finite(new_state.params)
   return new_state, metrics
+
+
+def params_finite(tree: Any) -> jax.Array:
+  """1.0 if every leaf of `tree` is finite, else 0.0: the step metric the loop checks before a
+  checkpoint (a loss computed before the update cannot say the new state is safe to save)."""
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)])
+                 ).astype(jnp.float32)
 
 
 def eval_step(apply_fn: Callable[..., Any], variables: Any, batch: Batch, *,

@@ -1,9 +1,8 @@
 """Evaluating refined or compressed models side by side: clean and robust accuracy, resumably.
 
-Shared by `task=adcorda` and `task=quantize`: each evaluation lives in its own folder with a
-fingerprint (`adcorda.stages.claim`) that includes a digest of the evaluated parameters, and is
-loaded instead of recomputed once finished; robust accuracy streams through the resumable attack
-driver.
+Shared by `task=adcorda`, `task=quantize` and the compression study: each evaluation is a
+`pipeline.Stage` whose fingerprint includes a digest of the evaluated parameters, loaded instead
+of recomputed once finished; robust accuracy streams through the resumable attack driver.
 """
 from __future__ import annotations
 
@@ -15,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adcorda_jax.adcorda import stages
+from adcorda_jax.attacks.eps import eps_dir_tag, eps_key, eps_label
 from adcorda_jax.attacks.driver import attack_split
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import AttackSpec
 from adcorda_jax.data import Dataset
-from adcorda_jax.reporting import adcorda_report
+from adcorda_jax.evaluate.settings import EvaluationSettings
+from adcorda_jax.pipeline import Stage, fingerprint as fingerprint_lib
 from adcorda_jax.training import batches, evaluation, sharding
 
 Predictor = Callable[[Any, np.ndarray], np.ndarray]
@@ -88,6 +88,17 @@ class Evaluator:
   misclassified: np.ndarray | None = None
   attack_model_fn: AttackModelFn | None = None
   splits: tuple[str, ...] = ("train", "val", "test")  # Clean accuracy on these.
+  retired_keys: frozenset[str] = frozenset()  # See `pipeline.Stage.retired_keys`.
+
+  @classmethod
+  def of(cls, settings: EvaluationSettings, dataset: Dataset, model: Any, key: jax.Array,
+         mesh: jax.sharding.Mesh, **options: Any) -> "Evaluator":
+    """The evaluator of `settings` (config `evaluate`) with `model.apply`'s predictor."""
+    predict = options.pop("predict", None) or make_predictor(model.apply, settings.batch_size,
+                                                             mesh)
+    return cls(dataset=dataset, model=model, predict=predict, attack_specs=settings.specs,
+               eps=settings.eps, batch_size=settings.batch_size,
+               max_examples=settings.max_examples, key=key, mesh=mesh, **options)
 
   @property
   def robust_examples(self) -> int:
@@ -96,9 +107,10 @@ class Evaluator:
 
   def __call__(self, variables: Any, directory: Path, fingerprint: dict[str, Any],
                label: str) -> dict[str, Any]:
-    fingerprint = {**fingerprint, "evaluate.params_sha1": stages.tree_digest(variables)}
-    stages.claim(directory, "evaluate", fingerprint)
-    done = stages.load_done(directory)
+    stage = Stage(directory, "evaluate", {
+        **fingerprint, "evaluate.params_sha1": fingerprint_lib.tree_digest(variables)},
+        self.retired_keys).claim()
+    done = stage.done()
     if done is not None:
       return done
     data = self.dataset
@@ -128,11 +140,10 @@ class Evaluator:
         result = attack_split(
             spec, logits_fn, params, images, labels, eps=eps, batch_size=self.batch_size,
             key=self.key, mesh=self.mesh,
-            out_dir=directory / f"{spec.name}_{spec.norm}_eps{adcorda_report.eps_dir_tag(eps)}",
-            description=f"{label} {spec.name} eps={adcorda_report.eps_label(eps)}",
+            out_dir=directory / f"{spec.name}_{spec.norm}_eps{eps_dir_tag(eps)}",
+            description=f"{label} {spec.name} eps={eps_label(eps)}",
             batch_size_key="evaluate.batch_size")
-        robust.setdefault(spec.name, {})[adcorda_report.eps_key(eps)] = result.robust_accuracy
+        robust.setdefault(spec.name, {})[eps_key(eps)] = result.robust_accuracy
     outputs["robust_accuracy"] = robust
     outputs["robust_examples"] = count
-    stages.mark_done(directory, outputs)
-    return outputs
+    return stage.finish(outputs)

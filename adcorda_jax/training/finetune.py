@@ -1,11 +1,13 @@
-"""AdCorDA stage 2: fine-tune a trained classifier on a source set, aligned to a target set.
+"""Fine-tune a trained classifier on a source set, optionally aligned to an unlabelled target set.
 
-One jitted step computes cross-entropy on a labelled source batch plus
-`lambda_ * alignment(source_features, target_features)` on the penultimate features of a source
-and an (unlabelled) target batch; with alignment "none" the target pass is skipped. The loop is
-restore-or-initialize like the trainer: batch `step` of either stream is a pure function of
-(seed, stream, step) (`training.batches`), so an interrupted run resumes from its latest orbax
-checkpoint onto exactly the trajectory an uninterrupted run follows.
+Used by AdCorDA's stage 2 (domain adaptation) and its controls, quantization-aware fine-tuning and
+the compression study's pruning fine-tuning; the `adapt` config section drives it. One jitted step
+computes cross-entropy on a labelled source batch plus `lambda_ * alignment(source_features,
+target_features)` on the penultimate features of a source and an (unlabelled) target batch; the
+alignment loss is the caller's (AdCorDA's CORAL lives in `adcorda.alignment`), and without one the
+target pass is skipped. The loop is `training.resumable`'s: batch `step` of either stream is a
+pure function of (seed, stream, step) (`training.batches`), so an interrupted run resumes from its
+latest orbax checkpoint onto exactly the trajectory an uninterrupted run follows.
 
 BatchNorm (`adapt.batch_norm`): "train" runs both passes in train mode (batch statistics) and
 updates the running statistics from the source batches only; "frozen" runs the model in eval mode
@@ -27,7 +29,6 @@ import numpy as np
 import optax
 
 from adcorda_jax import config_checks
-from adcorda_jax.adcorda.alignment import AlignmentLoss, alignment_loss
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.training import batches, optim, resumable, sharding, steps, trainable
 
@@ -35,17 +36,20 @@ PREFIX = "adapt"
 BATCH_NORM_MODES = ("train", "frozen")
 SOURCE_STREAM, TARGET_STREAM = 1, 2  # Independent batch orders drawn from one seed.
 
-StepCallback = Callable[[int, steps.TrainState], None]
 Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
+# (source features, target features) -> scalar; e.g. `adcorda.alignment.coral_loss`.
+AlignmentLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptSettings:
-  """The validated `config.adapt` section (the optimizer fields stay in `optimizer`)."""
+class FinetuneSettings:
+  """The validated `config.adapt` section (the optimizer fields stay in `optimizer`).
+
+  The alignment keys (`adapt.alignment`, `adapt.lambda_`) are AdCorDA's, read by
+  `adcorda.settings`; every other fine-tuning reads only these.
+  """
   epochs: int
   batch_size: int
-  alignment: str
-  lambda_: float
   trainable: str
   batch_norm: str
   log_every_steps: int
@@ -54,16 +58,13 @@ class AdaptSettings:
   optimizer: ml_collections.ConfigDict
 
 
-def read_adapt_settings(config: ml_collections.ConfigDict) -> AdaptSettings:
+def read_finetune_settings(config: ml_collections.ConfigDict) -> FinetuneSettings:
   """Checks `config.adapt`; one-line ConfigErrors name `adapt.<key>`."""
   section = config.get(PREFIX)
   if not isinstance(section, ml_collections.ConfigDict):
     raise ConfigError("config has no 'adapt' section; start from configs/adcorda_digits.py")
   # make_optimizer/make_schedule name `train.*` in their errors: check the same fields here first.
   optim.check_optimizer_fields(section, PREFIX)
-  lambda_ = config_checks.positive_float(section, "lambda_", PREFIX, allow_zero=True)
-  name = section.get("alignment", "coral")
-  alignment_loss(name)  # Raises a ConfigError naming adapt.alignment.
   pattern = section.get("trainable", "")
   if not isinstance(pattern, str):
     raise ConfigError(f"{PREFIX}.trainable must be a regular expression string, got {pattern!r}")
@@ -72,10 +73,10 @@ def read_adapt_settings(config: ml_collections.ConfigDict) -> AdaptSettings:
   except re.error as e:
     raise ConfigError(f"{PREFIX}.trainable={pattern!r} is not a valid regular expression: "
                       f"{e}") from None
-  return AdaptSettings(
+  return FinetuneSettings(
       epochs=config_checks.positive_int(section, "epochs", PREFIX),
       batch_size=config_checks.positive_int(section, "batch_size", PREFIX),
-      alignment=name, lambda_=lambda_, trainable=pattern,
+      trainable=pattern,
       batch_norm=config_checks.one_of(section, "batch_norm", PREFIX, BATCH_NORM_MODES,
                                       default="train"),
       log_every_steps=config_checks.positive_int(section, "log_every_steps", PREFIX, default=50),
@@ -90,14 +91,15 @@ def stream_seed(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1)[0])
 
 
-def adapt_step(state: steps.TrainState, source: steps.Batch, target: steps.Batch | None,
-               rng: jax.Array, *, num_classes: int, alignment: AlignmentLoss, lambda_: float,
+def finetune_step(state: steps.TrainState, source: steps.Batch, target: steps.Batch | None,
+               rng: jax.Array, *, num_classes: int, alignment: AlignmentLoss | None,
+               lambda_: float,
                train_batch_norm: bool,
                learning_rate_fn: optax.Schedule | None = None
                ) -> tuple[steps.TrainState, steps.Metrics]:
   """One step on CE(source) + lambda_ * alignment(source features, target features).
 
-  `target` is None for cross-entropy-only fine-tuning (no target forward pass).
+  `target` (and `alignment`) are None for cross-entropy-only fine-tuning (no target pass).
   """
   source_rng, target_rng = jax.random.split(jax.random.fold_in(rng, state.step))
 
@@ -129,9 +131,7 @@ def adapt_step(state: steps.TrainState, source: steps.Batch, target: steps.Batch
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics["params_finite"] = jnp.all(jnp.stack(
-      [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(new_state.params)])
-  ).astype(jnp.float32)
+  metrics["params_finite"] = steps.params_finite(new_state.params)
   return new_state, metrics
 
 
@@ -151,18 +151,20 @@ class Finetuner:
   the step compiles once for all seeds (and for all CE-only variants).
   """
 
-  def __init__(self, model: nn.Module, params: Any, settings: AdaptSettings, *, total_steps: int,
-               steps_per_epoch: int, num_classes: int, with_target: bool,
+  def __init__(self, model: nn.Module, params: Any, settings: FinetuneSettings, *,
+               total_steps: int, steps_per_epoch: int, num_classes: int,
+               alignment: AlignmentLoss | None = None, lambda_: float = 0.0,
                apply_fn: Callable[..., Any] | None = None,
                wrap_optimizer: Callable[[optax.GradientTransformation],
                                         optax.GradientTransformation] | None = None):
-    """`apply_fn` (default `model.apply`) is what the step differentiates, e.g. a fake-quantized
-    apply for quantization-aware fine-tuning; `wrap_optimizer` wraps the optimizer, e.g. to keep
-    pruning masks."""
+    """`alignment` (weighted by `lambda_`) aligns source to target features: runs then take a
+    target set. `apply_fn` (default `model.apply`) is what the step differentiates, e.g. a
+    fake-quantized apply for quantization-aware fine-tuning; `wrap_optimizer` wraps the
+    optimizer, e.g. to keep pruning masks."""
     self.model, self.settings = model, settings
     self.apply_fn = apply_fn if apply_fn is not None else model.apply
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-    self.with_target = with_target
+    self.with_target = alignment is not None
     self.mesh = sharding.make_mesh()
     sharding.check_divisible(settings.batch_size, f"{PREFIX}.batch_size", self.mesh)
     self.schedule = optim.make_schedule(settings.optimizer, total_steps, steps_per_epoch)
@@ -171,16 +173,15 @@ class Finetuner:
     if wrap_optimizer is not None:
       self.tx = wrap_optimizer(self.tx)
     self.step_fn = jax.jit(
-        functools.partial(adapt_step, num_classes=num_classes,
-                          alignment=alignment_loss(settings.alignment if with_target else "none"),
-                          lambda_=settings.lambda_ if with_target else 0.0,
+        functools.partial(finetune_step, num_classes=num_classes, alignment=alignment,
+                          lambda_=lambda_ if alignment is not None else 0.0,
                           train_batch_norm=settings.batch_norm == "train",
                           learning_rate_fn=self.schedule),
         donate_argnums=0)
 
   def run(self, variables: dict[str, Any], source: Arrays, target: Arrays | None, *, seed: int,
           directory: str | Path, meta: dict[str, Any], description: str = "adapt",
-          step_callback: StepCallback | None = None) -> FinetuneResult:
+          step_callback: resumable.StepCallback | None = None) -> FinetuneResult:
     """Fine-tunes `variables`, checkpointing in `<directory>/checkpoints`; resumes or loads.
 
     Args:
@@ -193,7 +194,8 @@ class Finetuner:
       step_callback: `step_callback(step, state)` after each step (tests).
     """
     if (target is not None) != self.with_target:
-      raise ValueError(f"this Finetuner was built with with_target={self.with_target}")
+      raise ValueError(f"this Finetuner was built {'with' if self.with_target else 'without'} "
+                       "an alignment loss: it needs a target set exactly then")
     settings, mesh = self.settings, self.mesh
     replicated = sharding.replicated(mesh)
     variables = jax.device_get(variables)  # Host copies: the step donates (deletes) its input.
