@@ -42,8 +42,16 @@ class Registry(Generic[T]):
         f"unknown {self.kind} {name!r}{where}; valid names: "
         f"{', '.join(self.names())}{suggestion}")
 
+  def unregister(self, name: str) -> T:
+    """Removes and returns `name` (for tests that register a temporary component)."""
+    return self._entries.pop(name)
+
   def names(self) -> list[str]:
     return sorted(self._entries)
+
+  def items(self) -> list[tuple[str, T]]:
+    """(name, component) pairs in registration order."""
+    return list(self._entries.items())
 
   def __contains__(self, name: object) -> bool:
     return name in self._entries

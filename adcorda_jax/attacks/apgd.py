@@ -19,17 +19,24 @@ Choices where the paper leaves room (following the authors' reference code unles
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from adcorda_jax import config_checks
 from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import norms, validation
 from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
                                         pick_per_example)
 from adcorda_jax.attacks.pgd import as_budget, run_restarts
+from adcorda_jax.attacks.registry import (AttackMethod, describe_restarts, describe_steps,
+                                          read_flag, register)
+
+if TYPE_CHECKING:
+  from adcorda_jax.attacks.specs import AttackSpec
 
 
 def checkpoint_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,3 +158,27 @@ def apgd_ce(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *
                   jnp.asarray(momentum, jnp.float32),
                   steps=int(steps), norm=norm, restarts=int(restarts),
                   early_stop=bool(early_stop))
+
+
+# The registry entry (see `adcorda_jax.attacks.registry`); its settings live in section `apgd`.
+
+
+def _read_apgd_ce(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
+  return {"steps": config_checks.positive_int(section, "steps", prefix, default=100),
+          "restarts": config_checks.positive_int(section, "restarts", prefix, default=1),
+          "rho": config_checks.fraction(section, "rho", prefix, default=0.75, allow_one=True),
+          "momentum": config_checks.fraction(section, "momentum", prefix, default=0.75,
+                                             allow_one=True),
+          "early_stop": read_flag(section, "early_stop", prefix, default=True)}
+
+
+def _run_apgd_ce(spec: AttackSpec, logits_fn: LogitsFn, params: Any, x: jax.Array,
+                 labels: jax.Array, key: jax.Array, eps: jax.Array) -> AttackResult:
+  return _apgd_ce(logits_fn, params, x, labels, key, eps, jnp.float32(spec.rho),
+                  jnp.float32(spec.momentum), steps=spec.steps, norm=spec.norm,
+                  restarts=spec.restarts, early_stop=spec.early_stop)
+
+
+register(AttackMethod(
+    name="apgd_ce", section="apgd", read=_read_apgd_ce, run=_run_apgd_ce,
+    describe=lambda spec: describe_steps(spec) + describe_restarts(spec)))

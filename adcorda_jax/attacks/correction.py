@@ -6,16 +6,23 @@ target is the true label; inputs already classified correctly are returned untou
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from adcorda_jax import config_checks
 from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn, pick_per_example
-from adcorda_jax.attacks.pgd import as_budget, pgd_run, prng_key, run_restarts, starting_point
+from adcorda_jax.attacks.pgd import (as_budget, describe_step_rule, pgd_run, prng_key,
+                                     read_step_rule, run_restarts, starting_point)
+from adcorda_jax.attacks.registry import AttackMethod, describe_steps, read_flag, register
+
+if TYPE_CHECKING:
+  from adcorda_jax.attacks.specs import AttackSpec
 
 
 @attack_jit(static_argnames=("logits_fn", "steps", "norm", "random_start"))
@@ -57,3 +64,26 @@ def correct(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *
   return _correct(logits_fn, params, jnp.asarray(x), jnp.asarray(labels, jnp.int32),
                   prng_key(key), as_budget(eps, batch_size), as_budget(step_size, batch_size),
                   steps=int(steps), norm=norm, random_start=bool(random_start))
+
+
+# The registry entry (see `adcorda_jax.attacks.registry`): success means "now right".
+
+
+def _read_correct(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
+  # early_stop is read (it is part of the spec and its fingerprint) though correction always
+  # stops an example once it is right.
+  return {"steps": config_checks.positive_int(section, "steps", prefix, default=10),
+          **read_step_rule(section, prefix, random_start=False),
+          "early_stop": read_flag(section, "early_stop", prefix, default=True)}
+
+
+def _run_correct(spec: AttackSpec, logits_fn: LogitsFn, params: Any, x: jax.Array,
+                 labels: jax.Array, key: jax.Array, eps: jax.Array) -> AttackResult:
+  return _correct(logits_fn, params, x, labels, key, eps, spec.step_size_for(eps),
+                  steps=spec.steps, norm=spec.norm, random_start=spec.random_start)
+
+
+register(AttackMethod(
+    name="correct", section="correct", read=_read_correct, run=_run_correct,
+    describe=lambda spec: describe_steps(spec) + describe_step_rule(spec),
+    targets_true_label=True))

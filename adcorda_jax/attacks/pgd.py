@@ -7,16 +7,23 @@ unbroken, keeping per example the first success or else the highest objective.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from adcorda_jax import config_checks
 from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks import norms, validation
 from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, is_success, objective_and_grad,
                                         pick_per_example, score)
+from adcorda_jax.attacks.registry import (AttackMethod, describe_restarts, describe_steps,
+                                          read_flag, register)
+
+if TYPE_CHECKING:
+  from adcorda_jax.attacks.specs import AttackSpec
 
 # run_once(key, adversarial, frozen) -> (adversarial, steps_used): one attack run in which the
 # `frozen` examples keep `adversarial` (0 steps) and the others start afresh.
@@ -164,3 +171,55 @@ def fgsm(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
   validation.check_attack_inputs(logits_fn, params, x, labels, eps=eps, norm=norm)
   return _fgsm(logits_fn, params, jnp.asarray(x), jnp.asarray(labels, jnp.int32),
                as_budget(eps, np.shape(x)[0]), norm=norm, targeted=bool(targeted))
+
+
+# Registry entries (see `adcorda_jax.attacks.registry`): how an AttackSpec reads, runs and
+# describes FGSM and PGD. The step-size rule is shared with correction.
+
+
+def read_step_rule(section: ml_collections.ConfigDict, prefix: str,
+                   random_start: bool) -> dict[str, Any]:
+  """The PGD-style step size rule and random start (default `random_start`) of a section."""
+  return {
+      "step_size": config_checks.positive_float(section, "step_size", prefix, default=0.0,
+                                                allow_zero=True),
+      "step_size_factor": config_checks.positive_float(section, "step_size_factor", prefix,
+                                                       default=2.5),
+      "random_start": read_flag(section, "random_start", prefix, default=random_start)}
+
+
+def describe_step_rule(spec: AttackSpec) -> str:
+  """The step-size rule as a label suffix: ` of 2.5*eps/10, random start` or ` of 0.01`."""
+  rule = (f"{spec.step_size:g}" if spec.step_size > 0
+          else f"{spec.step_size_factor:g}*eps/{spec.steps}")
+  return f" of {rule}" + (", random start" if spec.random_start else "")
+
+
+def _run_fgsm(spec: AttackSpec, logits_fn: LogitsFn, params: Any, x: jax.Array,
+              labels: jax.Array, key: jax.Array, eps: jax.Array) -> AttackResult:
+  return _fgsm(logits_fn, params, x, labels, eps, norm=spec.norm, targeted=False)
+
+
+def _read_pgd(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
+  return {"steps": config_checks.positive_int(section, "steps", prefix, default=10),
+          **read_step_rule(section, prefix, random_start=True),
+          "restarts": config_checks.positive_int(section, "restarts", prefix, default=1),
+          "early_stop": read_flag(section, "early_stop", prefix, default=True)}
+
+
+def _run_pgd(spec: AttackSpec, logits_fn: LogitsFn, params: Any, x: jax.Array,
+             labels: jax.Array, key: jax.Array, eps: jax.Array) -> AttackResult:
+  return _pgd(logits_fn, params, x, labels, key, eps, spec.step_size_for(eps), steps=spec.steps,
+              norm=spec.norm, targeted=False, random_start=spec.random_start,
+              restarts=spec.restarts, early_stop=spec.early_stop)
+
+
+register(AttackMethod(
+    name="fgsm", section="fgsm", run=_run_fgsm,
+    # One step of size eps from x: nothing to read.
+    read=lambda section, prefix: {"steps": 1, "random_start": False},
+    describe=lambda spec: f"fgsm {spec.norm}"))
+register(AttackMethod(
+    name="pgd", section="pgd", read=_read_pgd, run=_run_pgd,
+    describe=lambda spec: describe_steps(spec) + describe_step_rule(spec)
+    + describe_restarts(spec)))

@@ -9,6 +9,11 @@ PGD and correction step size: `step_size` (absolute) when > 0, otherwise
 `step_size_factor * eps / steps` (Madry et al.'s 2.5 by default: enough to cross the ball and
 back). The relative rule scales with eps, so one spec serves a whole eps grid, and eps = 0 gives
 step 0 and adversarial == x (robust accuracy == clean accuracy).
+
+Which attacks exist, and how each reads, runs and describes a spec, is the `ATTACKS` registry
+(`adcorda_jax.attacks.registry`, where adding an attack is shown); the modules that register the
+built-in ones are imported here, so the registry is full wherever an `AttackSpec` is built.
+`ATTACK_NAMES`, `UNTARGETED` and `SECTIONS` are read from it on access.
 """
 from __future__ import annotations
 
@@ -21,18 +26,26 @@ import jax.numpy as jnp
 import ml_collections
 
 from adcorda_jax import config_checks
+# Importing these registers the built-in attacks, in the order errors list them: fgsm and pgd
+# (pgd.py, which the other two import first), apgd_ce, correct.
+from adcorda_jax.attacks import pgd, apgd, correction  # noqa: F401
 from adcorda_jax.attacks import norms
-from adcorda_jax.attacks.apgd import _apgd_ce
-from adcorda_jax.attacks.correction import _correct
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
-from adcorda_jax.attacks.pgd import _fgsm, _pgd, as_budget
+from adcorda_jax.attacks.pgd import as_budget
+from adcorda_jax.attacks.registry import (ATTACKS, AttackMethod, attack_names, sections,
+                                          untargeted_names)
 from adcorda_jax.errors import ConfigError
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd_ce", "correct")
-# Untargeted attacks, whose success lowers accuracy (robustness evaluation).
-UNTARGETED = ("fgsm", "pgd", "apgd_ce")
-# The config sub-section holding each attack's settings (`<prefix>.pgd.steps`, ...).
-SECTIONS = {"fgsm": "fgsm", "pgd": "pgd", "apgd_ce": "apgd", "correct": "correct"}
+# Names derived from ATTACKS when read, so they include attacks registered after this import:
+# every attack, in registration order; the untargeted ones, whose success lowers accuracy
+# (robustness evaluation); and the config sub-section of each (`<prefix>.pgd.steps`, ...).
+_DERIVED = {"ATTACK_NAMES": attack_names, "UNTARGETED": untargeted_names, "SECTIONS": sections}
+
+
+def __getattr__(name: str) -> Any:
+  if name in _DERIVED:
+    return _DERIVED[name]()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +53,8 @@ class AttackSpec:
   """One attack and its settings; `run` attacks a batch at a given eps.
 
   Attributes:
-    name: fgsm, pgd, apgd_ce (untargeted) or correct (AdCorDA: descend toward the true label).
+    name: a registered attack: fgsm, pgd, apgd_ce (untargeted) or correct (AdCorDA: descend
+      toward the true label).
     norm: linf or l2, the perturbation ball.
     steps: gradient steps per restart (fgsm: 1).
     step_size: pgd/correct absolute step; 0 means `step_size_factor * eps / steps`.
@@ -65,22 +79,18 @@ class AttackSpec:
     check_spec_fields(self, "attack")
 
   @property
+  def method(self) -> AttackMethod:
+    """The registered attack this spec runs."""
+    return ATTACKS.get(self.name)
+
+  @property
   def targets_true_label(self) -> bool:
     """True for correction (success = now right), False for attacks (success = now wrong)."""
-    return self.name == "correct"
+    return self.method.targets_true_label
 
   def describe(self) -> str:
-    """A short human label, e.g. `pgd linf, 10 steps (2.5*eps/10), 1 restart`."""
-    if self.name == "fgsm":
-      return f"fgsm {self.norm}"
-    text = f"{self.name} {self.norm}, {self.steps} steps"
-    if self.name in ("pgd", "correct"):
-      rule = (f"{self.step_size:g}" if self.step_size > 0
-              else f"{self.step_size_factor:g}*eps/{self.steps}")
-      text += f" of {rule}" + (", random start" if self.random_start else "")
-    if self.name in ("pgd", "apgd_ce"):
-      text += f", {self.restarts} restart" + ("s" if self.restarts > 1 else "")
-    return text
+    """A short human label, e.g. `pgd linf, 10 steps of 2.5*eps/10, random start, 1 restart`."""
+    return self.method.describe(self)
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -98,24 +108,16 @@ class AttackSpec:
     No argument checks here (the spec was validated when built; the caller checks data once),
     so this is cheap to call per batch, also under `jax.jit` with every array traced.
     """
-    eps = as_budget(eps, x.shape[0])
-    if self.name == "fgsm":
-      return _fgsm(logits_fn, params, x, labels, eps, norm=self.norm, targeted=False)
-    if self.name == "apgd_ce":
-      return _apgd_ce(logits_fn, params, x, labels, key, eps, jnp.float32(self.rho),
-                      jnp.float32(self.momentum), steps=self.steps, norm=self.norm,
-                      restarts=self.restarts, early_stop=self.early_stop)
-    step_size = self.step_size_for(eps)
-    if self.name == "correct":
-      return _correct(logits_fn, params, x, labels, key, eps, step_size, steps=self.steps,
-                      norm=self.norm, random_start=self.random_start)
-    return _pgd(logits_fn, params, x, labels, key, eps, step_size, steps=self.steps,
-                norm=self.norm, targeted=False, random_start=self.random_start,
-                restarts=self.restarts, early_stop=self.early_stop)
+    return self.method.run(self, logits_fn, params, x, labels, key, as_budget(eps, x.shape[0]))
 
 
 def _fail(key: str, requirement: str, value: Any) -> None:
   raise ConfigError(f"{key} must be {requirement}, got {value!r}")
+
+
+def _unknown_attack(name: str, config_key: str, allowed: tuple[str, ...]) -> ConfigError:
+  return ConfigError(f"unknown attack {name!r} ({config_key}); valid names: "
+                     f"{', '.join(allowed)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -129,9 +131,8 @@ def _is_number(value: Any) -> bool:
 
 def check_spec_fields(spec: AttackSpec, prefix: str) -> None:
   """Raises a one-line ConfigError naming `<prefix>.<field>` for the first invalid field."""
-  if spec.name not in ATTACK_NAMES:
-    raise ConfigError(f"unknown attack {spec.name!r} ({prefix}.name); valid names: "
-                      f"{', '.join(ATTACK_NAMES)}")
+  if spec.name not in ATTACKS:
+    raise _unknown_attack(spec.name, f"{prefix}.name", attack_names())
   if spec.norm not in norms.NORMS:
     raise ConfigError(f"{prefix}.norm={spec.norm!r} is not valid; choose one of: "
                       f"{', '.join(norms.NORMS)}")
@@ -158,43 +159,42 @@ def spec_from_config(name: str, norm: str, section: ml_collections.ConfigDict | 
 
   `norm` is checked by the caller, which knows its config key.
 
-  Only the keys the attack uses are read; the others keep their defaults, so the spec (and the
-  fingerprint of a run) does not change when an unrelated key does. fgsm needs no section.
+  Only the keys the attack uses are read (its registered `read`); the others keep their
+  defaults, so the spec (and the fingerprint of a run) does not change when an unrelated key
+  does. fgsm needs no section.
   """
+  if name not in ATTACKS:
+    raise _unknown_attack(name, "attack.name", attack_names())
   section = section if section is not None else ml_collections.ConfigDict()
-  fields: dict[str, Any] = {"name": name, "norm": norm}
-  if name == "fgsm":
-    fields.update(steps=1, random_start=False)
-  else:
-    default_steps = 100 if name == "apgd_ce" else 10
-    fields["steps"] = config_checks.positive_int(section, "steps", prefix, default=default_steps)
-  if name in ("pgd", "correct"):
-    fields["step_size"] = config_checks.positive_float(section, "step_size", prefix,
-                                                       default=0.0, allow_zero=True)
-    fields["step_size_factor"] = config_checks.positive_float(section, "step_size_factor",
-                                                              prefix, default=2.5)
-    fields["random_start"] = _flag(section, "random_start", prefix, default=name == "pgd")
-  if name in ("pgd", "apgd_ce"):
-    fields["restarts"] = config_checks.positive_int(section, "restarts", prefix, default=1)
-  if name == "apgd_ce":
-    fields["rho"] = config_checks.fraction(section, "rho", prefix, default=0.75, allow_one=True)
-    fields["momentum"] = config_checks.fraction(section, "momentum", prefix, default=0.75,
-                                                allow_one=True)
-  if name != "fgsm":
-    fields["early_stop"] = _flag(section, "early_stop", prefix, default=True)
-  return AttackSpec(**fields)
+  return AttackSpec(name=name, norm=norm, **ATTACKS.get(name).read(section, prefix))
 
 
-def _flag(section: ml_collections.ConfigDict, key: str, prefix: str, default: bool) -> bool:
-  value = section.get(key, default)
-  if not isinstance(value, bool):
-    _fail(f"{prefix}.{key}", "True or False", value)
-  return value
+def attacks_from_config(section: ml_collections.ConfigDict, prefix: str,
+                        default: str) -> tuple[AttackSpec, ...]:
+  """The untargeted attacks a `robustness`/`evaluate`-style section names, as checked specs.
+
+  Reads `<prefix>.norm` (default linf), the comma-separated `<prefix>.attacks` (default
+  `default`, untargeted attacks only) and each attack's settings from its sub-section, with
+  one-line errors naming `<prefix>.attacks`, `<prefix>.<section>.<key>`, ...
+  """
+  norm = config_checks.one_of(section, "norm", prefix, norms.NORMS, default="linf")
+  names = parse_attack_names(section.get("attacks", default), f"{prefix}.attacks",
+                             untargeted_names())
+  specs = []
+  for name in names:
+    sub_section = ATTACKS.get(name).section
+    specs.append(spec_from_config(name, norm, section.get(sub_section),
+                                  f"{prefix}.{sub_section}"))
+  return tuple(specs)
 
 
 def parse_attack_names(value: Any, config_key: str,
-                       allowed: tuple[str, ...] = ATTACK_NAMES) -> tuple[str, ...]:
-  """Splits a comma-separated string such as "pgd,apgd_ce" into checked, unique attack names."""
+                       allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+  """Splits a comma-separated string such as "pgd,apgd_ce" into checked, unique attack names.
+
+  `allowed` defaults to every registered attack.
+  """
+  allowed = attack_names() if allowed is None else allowed
   if not isinstance(value, str):
     raise ConfigError(f"{config_key} must be a comma-separated string such as "
                       f"{','.join(allowed[:2])!r}, got {value!r}")
@@ -204,8 +204,7 @@ def parse_attack_names(value: Any, config_key: str,
                       f"{', '.join(allowed)}")
   for name in names:
     if name not in allowed:
-      raise ConfigError(f"unknown attack {name!r} ({config_key}); valid names: "
-                        f"{', '.join(allowed)}")
+      raise _unknown_attack(name, config_key, allowed)
   if len(set(names)) != len(names):
     raise ConfigError(f"{config_key}={value!r} names an attack twice")
   return names
