@@ -1,3 +1,3 @@
 """adcorda-jax: refine, compress and stress-test image classifiers in JAX."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -26,7 +26,7 @@ from configs import train_digits as base_lib
 def get_config() -> ml_collections.ConfigDict:
   config = base_lib.get_config()
   config.task = "adcorda"
-  # Baseline (stage 0), trained in <workdir>/baseline with `data`, `model`, `train`.
+  # Baseline (before stages 1-2), trained in <workdir>/baseline with `data`, `model`, `train`.
   config.model.width = 0.5
   config.train.epochs = 1            # Weak on purpose: ~6% of training digits misclassified.
   config.train.log_every_steps = 10
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   correct.on_failure = "keep_original"  # Still wrong after it: keep_original, keep_best or drop.
   correct.batch_size = 128           # Attack batch (global, divisible over the devices).
 
-  # Stage 2: fine-tuning; the optimizer fields mean what they mean in `train`.
+  # Stage 2, domain adaptation: fine-tuning; the optimizer fields mean what they mean in `train`.
   adapt = config.adapt = ml_collections.ConfigDict()
   adapt.epochs = 3                   # Epochs of the corrected set; every variant gets these steps.
   adapt.batch_size = 64              # Source batch; adcorda adds a target batch of the same size.

@@ -2,6 +2,7 @@
 stage fingerprints, finished runs, config errors, and the stage-2 fine-tuning step."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -10,7 +11,11 @@ import numpy as np
 import pytest
 
 from adcorda_jax import tasks
-from adcorda_jax.adcorda import correction_set, finetune, stages
+from adcorda_jax.adcorda import correction_set
+from adcorda_jax.adcorda import settings as adcorda_settings
+from adcorda_jax.data.dataset import Split
+from adcorda_jax.training import finetune
+from adcorda_jax.training.baseline import Baseline
 from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.tasks import adcorda
@@ -211,9 +216,10 @@ def test_finetune_frozen_batch_norm_and_trainable_mask(finished, tmp_path):
   target = (dataset.train.images[128:256], dataset.train.labels[128:256])
   config = tiny_config(**{"adapt.batch_norm": "frozen", "adapt.trainable": "^classifier/",
                           "adapt.lambda_": 10.0})
-  settings = finetune.read_adapt_settings(config)
-  runner = finetune.Finetuner(model, variables["params"], settings, total_steps=3,
-                              steps_per_epoch=2, num_classes=10, with_target=True)
+  settings = adcorda_settings.read_adaptation(config)
+  runner = finetune.Finetuner(model, variables["params"], settings.finetune, total_steps=3,
+                              steps_per_epoch=2, num_classes=10,
+                              alignment=settings.alignment_loss, lambda_=settings.lambda_)
   result = runner.run(variables, source, target, seed=0, directory=tmp_path, meta=meta)
   paths = jax.tree_util.tree_flatten_with_path(variables)[0]
   new = jax.tree.leaves(result.variables)
@@ -230,14 +236,19 @@ def test_nothing_misclassified_gives_the_original_set(finished, tmp_path):
   """A baseline that is right on every training image: the set is unchanged, the stats say so."""
   workdir, _ = finished
   config = tiny_config()
-  settings = stages.read_settings(config)
+  settings = adcorda_settings.read_settings(config)
   variables, meta = checkpointing.load_checkpoint(workdir / "baseline")
   dataset = load_dataset(config.data, config.seed)
   images, labels = dataset.train.images[:40], dataset.train.labels[:40]
-  corrected = adcorda._correct_stage(  # pylint: disable=protected-access
-      tmp_path, settings, {"test": 1}, {"test": 1}, None, variables, images, labels,
-      prediction=labels.copy(), key=jax.random.key(0), mesh=sharding.make_mesh(),
-      batch_callback=None)
+  baseline = Baseline(checkpoint=workdir / "baseline", variables=variables, meta=meta,
+                      model=checkpointing.model_from_meta(meta),
+                      dataset=dataclasses.replace(dataset, train=Split(images, labels)),
+                      data_source="", fingerprint={})
+  base = adcorda.DeployedBaseline(baseline=baseline, variables=variables,
+                                  prediction=labels.copy(), fingerprint={}, predict=None,
+                                  mesh=sharding.make_mesh())
+  corrected = adcorda._build_corrected_set(  # pylint: disable=protected-access
+      tmp_path, settings, base, {"test": 1}, batch_callback=None)
   np.testing.assert_array_equal(corrected.images, images)
   assert corrected.stats["misclassified"] == 0 and corrected.stats["success_rate"] == 1.0
   assert correction_set.load_corrected_set(tmp_path, {"test": 1}).stats == json.loads(

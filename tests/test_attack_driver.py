@@ -156,7 +156,8 @@ def test_a_different_run_in_the_same_directory_is_refused(problem, tmp_path):
   _attack(problem, CORRECT, out_dir=tmp_path)
   with pytest.raises(CheckpointError) as error:
     _attack(problem, specs.AttackSpec("correct", steps=9, random_start=False), out_dir=tmp_path)
-  assert "holds results of a different attack run (differs at: spec.steps)" in one_line(error)
+  assert "the attack run in" in one_line(error)
+  assert "was made with a different config (differs at: spec.steps)" in one_line(error)
   with pytest.raises(CheckpointError) as error:
     _attack(problem, CORRECT, batch_size=8, out_dir=tmp_path)
   assert "differs at: batch_size" in one_line(error)

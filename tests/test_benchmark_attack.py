@@ -43,7 +43,9 @@ def finished(tmp_path_factory):
 
 def test_records_have_the_required_fields_and_consistent_numbers(finished):
   workdir, results = finished
-  records = json.loads((workdir / "results.json").read_text())
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["status"] == "complete" and saved["task"] == "benchmark_attack"
+  records = saved["records"]
   assert isinstance(records, list) and records == results["records"]
   assert {r["implementation"] for r in records} == {"autodiff", "adcorda"}
   for record in records:
@@ -63,6 +65,23 @@ def test_finished_benchmark_is_returned_not_remeasured(finished, monkeypatch):
   monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda: pytest.fail("re-measured"))
   again = benchmark_attack.run_benchmark_attack(_config(), workdir)
   assert again["records"] == results["records"]
+
+
+def test_a_release_0_1_0_benchmark_workdir_resumes_into_the_new_results(finished, tmp_path,
+                                                                      monkeypatch):
+  """0.1.0 kept results.json a bare list and completion in benchmark_state.json."""
+  workdir, results = finished
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "config.json").write_text((workdir / "config.json").read_text())
+  (old / "results.json").write_text(json.dumps(results["records"][:1]))  # Interrupted there.
+  again = benchmark_attack.run_benchmark_attack(_config(), old)
+  assert again["status"] == "complete" and len(again["records"]) == len(results["records"])
+  assert again["records"][0] == results["records"][0]  # Kept, not re-measured.
+  (old / "results.json").write_text(json.dumps(results["records"]))
+  (old / "benchmark_state.json").write_text(json.dumps({"complete": True}))
+  monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda: pytest.fail("re-measured"))
+  assert benchmark_attack.run_benchmark_attack(_config(), old)["records"] == results["records"]
 
 
 def test_step_flops_are_per_image_and_independent_of_batch():
@@ -131,5 +150,5 @@ def test_cli_cpu_devices_splits_the_cpu(tmp_path):
   completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr[-2000:]
-  records = json.loads((tmp_path / "results.json").read_text())
+  records = json.loads((tmp_path / "results.json").read_text())["records"]
   assert sorted(r["devices"] for r in records) == [1, 2]  # 4 is skipped: only 2 devices.

@@ -50,7 +50,9 @@ def test_default_config_is_the_adcorda_pipeline_on_embedded_digits():
 def test_every_config_builds_and_its_sections_validate(path):
   """Each shipped config (with its documented arguments) passes the checks its task runs first."""
   from adcorda_jax import tasks
-  from adcorda_jax.adcorda import stages
+  from adcorda_jax.adcorda import settings as adcorda_settings
+  from adcorda_jax.evaluate import read_evaluation
+  from adcorda_jax.quant.deploy import Quantization
   from adcorda_jax.models import create_model
   from adcorda_jax.compression.distillation import read_distill_settings
   from adcorda_jax.study.grid import read_study_settings
@@ -64,15 +66,15 @@ def test_every_config_builds_and_its_sections_validate(path):
     if config.task in ("train", "adcorda", "quantize"):
       create_model(config.model, 10, (0.5,), (0.25,))
     if config.task == "adcorda":
-      settings = stages.read_settings(config)
-      assert (settings.quant is not None) == (argument is not None)
-      assert argument is None or settings.quant.spec.bits == int(argument)
+      settings = adcorda_settings.read_settings(config)
+      assert isinstance(settings.deployment, Quantization) == (argument is not None)
+      assert argument is None or settings.deployment.spec.bits == int(argument)
     if config.task == "quantize":
       quantize.read_quantize_settings(config)
-      stages.read_evaluation(config)
+      read_evaluation(config)
     if config.task == "compression_study":
       settings = read_study_settings(config)
       assert settings.cells()
       read_shift_settings(config, 3)
       read_distill_settings(config)
-      stages.read_evaluation(config)
+      read_evaluation(config)

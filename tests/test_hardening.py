@@ -27,6 +27,7 @@ from adcorda_jax import faults, interrupts, tasks, workdir as workdir_lib
 from adcorda_jax.data import idx, image_folder, tfds_source
 from adcorda_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from adcorda_jax.training import checkpointing, resumable, trainer
+from adcorda_jax.pipeline import run as pipeline_run
 from configs import tiny
 from tests.helpers import one_line
 
@@ -177,7 +178,7 @@ def test_a_claim_without_work_is_reclaimed_but_work_is_protected(tmp_path):
 # --- 3. Lock and permissions. -------------------------------------------------------------------
 
 def test_second_run_on_a_locked_workdir_is_refused_naming_the_pid(tmp_path):
-  with workdir_lib.locked(workdir_lib.prepare(tmp_path)):
+  with pipeline_run.locked(workdir_lib.prepare(tmp_path)):
     with pytest.raises(CheckpointError) as error:
       tasks.run_task(tiny.get_config(), tmp_path)
   assert f"in use by another run (pid {os.getpid()})" in one_line(error)
@@ -188,18 +189,18 @@ def test_second_run_on_a_locked_workdir_is_refused_naming_the_pid(tmp_path):
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-       "from adcorda_jax import workdir; "
-       f"ctx = workdir.locked(Path({str(tmp_path)!r})); ctx.__enter__(); "
+       "from adcorda_jax.pipeline import run; "
+       f"ctx = run.locked(Path({str(tmp_path)!r})); ctx.__enter__(); "
        "print('locked', flush=True); time.sleep(60)"],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "locked"
   with pytest.raises(CheckpointError) as error:
-    with workdir_lib.locked(tmp_path):
+    with pipeline_run.locked(tmp_path):
       pass
   assert f"pid {holder.pid}" in one_line(error)
   holder.kill()
   holder.wait()
-  with workdir_lib.locked(tmp_path):  # kill -9 released it.
+  with pipeline_run.locked(tmp_path):  # kill -9 released it.
     pass
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from adcorda_jax import tasks
-from adcorda_jax.adcorda import finetune, stages
+from adcorda_jax.pipeline.fingerprint import tree_digest
+from adcorda_jax.training import finetune
+from adcorda_jax.training.baseline import baseline_config
 from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant.deploy import quantization_from_config
@@ -41,7 +43,7 @@ def tiny_quantize_config(baseline, **overrides):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("baseline")
-  trainer.train_and_evaluate(stages.baseline_config(quantize_digits.get_config()), workdir)
+  trainer.train_and_evaluate(baseline_config(quantize_digits.get_config()), workdir)
   return workdir
 
 
@@ -153,8 +155,8 @@ def test_qat_moves_float_weights_and_deploys_on_the_grid(baseline, tmp_path):
   quant = quantization_from_config(config.model)
   dataset = load_dataset(config.data, 0)
   runner = finetune.Finetuner(
-      model, variables["params"], finetune.read_adapt_settings(config), total_steps=4,
-      steps_per_epoch=4, num_classes=dataset.num_classes, with_target=False,
+      model, variables["params"], finetune.read_finetune_settings(config), total_steps=4,
+      steps_per_epoch=4, num_classes=dataset.num_classes,
       apply_fn=quant.qat_apply_fn(model))
   result = runner.run(variables, (dataset.train.images[:256], dataset.train.labels[:256]), None,
                       seed=0, directory=tmp_path, meta=meta)
@@ -197,7 +199,7 @@ def test_adcorda_quantized_stages_run_on_the_quantized_network(quantized_adcorda
   # Fine-tuned variants are evaluated as deployed on the 4-bit grid.
   tuned, _ = checkpointing.load_checkpoint(workdir / "adapt" / "adcorda" / "seed0")
   recorded = json.loads((workdir / "evaluate" / "adcorda" / "seed0" / "stage.json").read_text())
-  assert recorded["evaluate.params_sha1"] == stages.tree_digest(quant.qat_variables(tuned))
+  assert recorded["evaluate.params_sha1"] == tree_digest(quant.qat_variables(tuned))
   # Stage 1 corrected the PTQ network's training errors, and says so in the set's provenance.
   assert results["correction"]["misclassified"] == int(np.sum(
       np.argmax(model.apply(ptq, dataset.train.images), -1) != dataset.train.labels))
@@ -234,7 +236,7 @@ def test_bad_adcorda_quant_config_names_its_key(tmp_path, field, value, expected
 
 
 def test_train_task_refuses_quantized_models(tmp_path):
-  config = stages.baseline_config(quantize_digits.get_config())
+  config = baseline_config(quantize_digits.get_config())
   config.model.quant = {"weight_bits": 4}
   with pytest.raises(ConfigError) as error:
     tasks.run_task(config, tmp_path)

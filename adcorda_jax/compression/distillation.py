@@ -10,7 +10,7 @@ temperature. With `beta > 0` a FitNets-style hint (Romero et al. 2015) adds
 `beta * MSE(projection(student features), teacher features)` on the penultimate features; the
 linear projection trains with the student and is dropped from the result.
 
-The loop mirrors `adcorda.finetune`: one jitted step (teacher in eval mode, student in train mode),
+The loop mirrors `training.finetune`: one jitted step (teacher in eval mode, student in train mode),
 batch `step` a pure function of (seed, step) (`training.batches`), and restore-or-initialize from
 orbax checkpoints, so an interrupted run resumes onto exactly the uninterrupted trajectory. The
 checkpointed state's `params` are the student's own, so `checkpointing.load_checkpoint` loads a

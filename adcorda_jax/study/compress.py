@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from adcorda_jax.adcorda import finetune
+from adcorda_jax.training import finetune
 from adcorda_jax.compression import (apply_masks, flops_per_example, l1_filter_prune,
                                      magnitude_masks, masked_optimizer, nonzero_parameters,
                                      pruning_optimizer, size_bytes, sparsity_report)
@@ -56,7 +56,7 @@ def network_stats(model: nn.Module, variables: dict[str, Any], image_shape: tupl
 class Compressor:
   """Builds each cell's compressed network from its original (teacher) network."""
   dataset: Dataset
-  adapt: finetune.AdaptSettings
+  adapt: finetune.FinetuneSettings
   distill: DistillSettings | None
   quant_template: Quantization
   magnitude_scope: str
@@ -76,7 +76,7 @@ class Compressor:
     runner = finetune.Finetuner(
         model, variables["params"], self.adapt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, num_classes=self.dataset.num_classes,
-        with_target=False, wrap_optimizer=(
+        wrap_optimizer=(
             None if wrap_optimizer is None else lambda tx: wrap_optimizer(tx, total_steps)))
     result = runner.run(variables, (train.images, train.labels), None, seed=cell.seed,
                         directory=directory, meta=meta,

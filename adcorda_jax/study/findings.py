@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from adcorda_jax.reporting.robustness_report import eps_key, eps_label
+from adcorda_jax.attacks.eps import eps_key, eps_label
 
 STATEMENTS = {
     1: "compressed networks are less robust to distribution shift than their originals",

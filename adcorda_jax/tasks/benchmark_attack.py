@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adcorda_jax import config_checks
+from adcorda_jax import config_checks, pipeline
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.attacks import benchmark
 from adcorda_jax.errors import ConfigError
@@ -32,7 +31,8 @@ from adcorda_jax.reporting.benchmark_report import benchmark_markdown
 
 _PREFIX = "benchmark"
 _CASE = re.compile(r"^(\w+)/(\d+)x(\d+)x(\d+)/(\d+)/(\d+)$")
-STATE_FILE = "benchmark_state.json"
+# Release 0.1.0 kept results.json a bare list of records and marked completion here.
+LEGACY_STATE_FILE = "benchmark_state.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,8 @@ def _key(record: dict[str, Any]) -> tuple:
 
 def run_benchmark_attack(config: ml_collections.ConfigDict,
                          workdir: str | Path) -> dict[str, Any]:
-  """Runs the benchmark grid; records go to results.json (a list) as they finish."""
+  """Runs the benchmark grid; `results.json` holds `records` as they finish (status `running`)
+  and the envelope once every case is measured (status `complete`)."""
   section = config.get(_PREFIX)
   if not isinstance(section, ml_collections.ConfigDict):
     raise ConfigError("config has no 'benchmark' section; start from configs/benchmark_attack.py")
@@ -153,34 +154,45 @@ def run_benchmark_attack(config: ml_collections.ConfigDict,
   for key in ("eps", "step_size"):
     config_checks.positive_float(section, key, _PREFIX)
   device_counts = _device_counts(section.devices)
-  with workdir_lib.open_run(workdir, config) as run:
+  with pipeline.open_run(workdir, config, task=config.get("task", "benchmark_attack")) as run:
+    if run.finished is not None:
+      logging.info("Benchmark in %s already finished; delete the workdir to measure again.",
+                   run.path)
+      return run.finished
     run.claim()
-    return _run_grid(run.path, cases, implementations, device_counts, section, config.seed)
+    return _run_grid(run, cases, implementations, device_counts, section, config.seed)
 
 
-def _run_grid(workdir: Path, cases: tuple[Case, ...], implementations: tuple[str, ...],
+def _saved_records(workdir: Path) -> tuple[list[dict[str, Any]], bool]:
+  """(records measured so far, whether a release-0.1.0 run finished them all)."""
+  path = workdir / workdir_lib.RESULTS_FILE
+  saved = workdir_lib.read_json(path) if path.exists() else {}
+  if isinstance(saved, list):  # Release 0.1.0: a bare list, completion in the state file.
+    state = workdir / LEGACY_STATE_FILE
+    return saved, state.exists() and bool(workdir_lib.read_json(state).get("complete"))
+  return list(saved.get("records", [])), False
+
+
+def _run_grid(run: pipeline.Run, cases: tuple[Case, ...], implementations: tuple[str, ...],
               device_counts: tuple[int, ...], section: ml_collections.ConfigDict, seed: int
               ) -> dict[str, Any]:
   """Measures every (case, device count, implementation) not yet in results.json."""
-  results_path, state_path = workdir / workdir_lib.RESULTS_FILE, workdir / STATE_FILE
-  records = workdir_lib.read_json(results_path) if results_path.exists() else []
-  if state_path.exists() and workdir_lib.read_json(state_path).get("complete"):
-    logging.info("Benchmark in %s already finished; delete the workdir to measure again.",
-                 workdir)
-    return {"task": "benchmark_attack", "records": records}
+  workdir = run.path
+  results_path = workdir / workdir_lib.RESULTS_FILE
+  records, legacy_complete = _saved_records(workdir)
   done = {_key(r) for r in records}
-  start = time.perf_counter()
-  peak = benchmark.matmul_peak_gflops()
-  logging.info("float32 matmul peak: %.0f GFLOP/s on %s", peak, jax.default_backend())
-  for case in cases:
-    for devices in device_counts:
-      wanted = tuple(name for name in implementations
-                     if (case.model, case.shape, case.num_classes, case.batch, devices, name)
-                     not in done)
-      if wanted:
-        records += _measure_case(case, devices, section, peak, wanted, seed)
-        workdir_lib.write_json_atomic(results_path, records)
-  workdir_lib.write_text_atomic(workdir / "report.md", benchmark_markdown(records))
-  workdir_lib.write_json_atomic(state_path, {
-      "complete": True, "wall_seconds": time.perf_counter() - start})
-  return {"task": "benchmark_attack", "records": records}
+  if not legacy_complete:
+    peak = benchmark.matmul_peak_gflops()
+    logging.info("float32 matmul peak: %.0f GFLOP/s on %s", peak, jax.default_backend())
+    for case in cases:
+      for devices in device_counts:
+        wanted = tuple(name for name in implementations
+                       if (case.model, case.shape, case.num_classes, case.batch, devices, name)
+                       not in done)
+        if wanted:
+          records += _measure_case(case, devices, section, peak, wanted, seed)
+          workdir_lib.write_json_atomic(results_path, {
+              "status": "running", "task": run.task, "records": records})
+  results = run.results(records=records)  # Each: model, shape, devices, implementation, rates.
+  return run.finish(results, report=benchmark_markdown(records),
+                    summary=f"{len(records)} benchmark records")

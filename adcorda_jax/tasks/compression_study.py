@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from adcorda_jax import pipeline
 from adcorda_jax import workdir as workdir_lib
-from adcorda_jax.adcorda import finetune, stages
+from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS, without_alignment
 from adcorda_jax.compression import size_bytes
 from adcorda_jax.compression.distillation import read_distill_settings
 from adcorda_jax.data import Dataset, load_dataset
@@ -38,8 +39,11 @@ from adcorda_jax.study.compress import Compressed, Compressor, network_stats
 from adcorda_jax.study.grid import Cell, Network, StudySettings, read_study_settings
 from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_shift_settings,
                                           shift_accuracy)
-from adcorda_jax.tasks import common, model_evaluation
-from adcorda_jax.training import checkpointing, sharding
+from adcorda_jax.evaluate import EvaluationSettings, Evaluator, aggregate, read_evaluation
+from adcorda_jax.evaluate import make_predictor
+from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
+from adcorda_jax.training import checkpointing, finetune, sharding
+from adcorda_jax.training.baseline import ensure_baseline
 
 
 def _quant_template(config: ml_collections.ConfigDict):
@@ -53,31 +57,29 @@ class _Study:
   """Shared state of one run: data, shifted sets, evaluation settings, the mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: Path, settings: StudySettings,
-               dataset: Dataset, sets: ShiftedSets, evaluation: stages.Evaluation,
+               dataset: Dataset, sets: ShiftedSets, evaluation: EvaluationSettings,
                mesh: jax.sharding.Mesh):
     self.config, self.workdir, self.settings = config, workdir, settings
     self.dataset, self.sets, self.evaluation, self.mesh = dataset, sets, evaluation, mesh
     self.key = jax.random.key(config.get("seed", 0))
-    self.shift_keys = stages.config_fingerprint(config, ("shift",))
-    self.evaluate_keys = stages.config_fingerprint(config, ("evaluate",))
+    self.shift_keys = config_keys(config, ("shift",))
+    self.evaluate_keys = config_keys(config, ("evaluate",))
 
   def evaluate(self, model: Any, variables: dict[str, Any], directory: Path,
                fingerprint: dict[str, Any], label: str) -> dict[str, Any]:
     """Clean, shifted and robust accuracy of one network (cached in `directory`)."""
-    predict = model_evaluation.make_predictor(model.apply, self.evaluation.batch_size, self.mesh)
-    evaluator = model_evaluation.Evaluator(
-        self.dataset, model, predict, self.evaluation.specs, self.evaluation.eps,
-        self.evaluation.batch_size, self.evaluation.max_examples,
-        jax.random.fold_in(self.key, 2), self.mesh, splits=("test",))
+    predict = make_predictor(model.apply, self.evaluation.batch_size, self.mesh)
+    evaluator = Evaluator.of(self.evaluation, self.dataset, model,
+                             jax.random.fold_in(self.key, 2), self.mesh, predict=predict,
+                             splits=("test",), retired_keys=ALIGNMENT_KEYS)
     outputs = evaluator(variables, directory / "evaluate", {**fingerprint, **self.evaluate_keys},
                         label)
-    shift_dir = directory / "shift"
-    stages.claim(shift_dir, "shift", {**fingerprint, **self.shift_keys,
-                                      "evaluate.params_sha1": stages.tree_digest(variables)})
-    shift = stages.load_done(shift_dir)
+    stage = pipeline.Stage(directory / "shift", "shift", {
+        **fingerprint, **self.shift_keys, "evaluate.params_sha1": tree_digest(variables)},
+        ALIGNMENT_KEYS).claim()
+    shift = stage.done()
     if shift is None:
-      shift = shift_accuracy(predict, variables, self.sets)
-      stages.mark_done(shift_dir, shift)
+      shift = stage.finish(shift_accuracy(predict, variables, self.sets))
     return {**outputs, "shift": shift}
 
 
@@ -85,14 +87,13 @@ def _train_network(study: _Study, network: Network) -> tuple[Path, dict[str, Any
   config = ml_collections.ConfigDict(study.config.to_dict())
   config.model = ml_collections.ConfigDict(network.model_config(study.config.model.to_dict()))
   directory = study.workdir / "networks" / network.label
-  return stages.ensure_baseline(config, None, "study.network", study.workdir,
-                                directory=directory)
+  return ensure_baseline(config, None, "study.network", directory)
 
 
 def _summarize(entries: list[dict[str, Any]], stats: dict[str, Any],
                original_bytes: int) -> dict[str, Any]:
   """Seed-averaged evaluation of one network or cell, with its size and relative robustness."""
-  summary = model_evaluation.aggregate(entries)
+  summary = aggregate(entries)
   shifts = [e["shift"] for e in entries]
   corruption = [s["corruption_mean"] for s in shifts if s["corruption_mean"] is not None]
   summary["shift"] = {
@@ -130,9 +131,10 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
                  **({"study.magnitude_schedule": study.settings.magnitude_schedule}
                     if magnitude and study.settings.magnitude_schedule != "one_shot" else {}),
                  "cell": cell.path,
-                 **stages.without_alignment(stages.config_fingerprint(study.config, keys))}
-  stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
-  done = stages.load_done(directory)
+                 **without_alignment(config_keys(study.config, keys))}
+  stage = pipeline.Stage(directory, "cell", {**fingerprint, **study.shift_keys,
+                                             **study.evaluate_keys}, ALIGNMENT_KEYS).claim()
+  done = stage.done()
   if done is not None:
     return done, True
   logging.info("Cell %s: compressing.", cell.path)
@@ -145,32 +147,33 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
                               cell.path)
   # Seconds of this attempt (a resumed cell counts only its last attempt).
   result = {"seed": cell.seed, **evaluation, **stats, "seconds": time.perf_counter() - start}
-  stages.mark_done(directory, result)
-  return result, False
+  return stage.finish(result), False
 
 
 def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                           ) -> dict[str, Any]:
   """Runs (or resumes) the whole grid in `workdir`; returns (and saves) the results."""
-  with common.open_staged_run(config, workdir) as run:
+  with pipeline.open_run(workdir, config, task=config.get("task", "compression_study"),
+                         strict=False) as run:
     if run.finished is not None:
       return run.finished
     return _study(config, run)
 
 
-def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str, Any]:
-  wall_start = time.perf_counter()
+def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, Any]:
   workdir = run.path
   settings = read_study_settings(config)
-  evaluation = stages.read_evaluation(config)
-  adapt = finetune.read_adapt_settings(config)
+  evaluation = read_evaluation(config)
+  adapt = finetune.read_finetune_settings(config)
   distill = read_distill_settings(config) if "distillation" in settings.methods else None
   quant_template = _quant_template(config)
   seed = config.get("seed", 0)
   dataset = load_dataset(config.data, seed)
   shift_settings = read_shift_settings(config, dataset.image_shape[2])
-  run.claim()  # Every setting is checked: work starts here.
   mesh = sharding.make_mesh()
+  sharding.check_divisible(evaluation.batch_size, "evaluate.batch_size", mesh)
+  sharding.check_divisible(adapt.batch_size, "adapt.batch_size", mesh)
+  run.claim()  # Every setting is checked, against the mesh too: work starts here.
   sets = build_shifted_sets(shift_settings, dataset, jax.random.fold_in(jax.random.key(seed), 3),
                             seed)
   study = _Study(config, workdir, settings, dataset, sets, evaluation, mesh)
@@ -185,7 +188,7 @@ def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str,
     checkpoint, fingerprint = _train_network(study, network)
     variables, meta = checkpointing.load_checkpoint(checkpoint)
     model = checkpointing.model_from_meta(meta)
-    fingerprint["network.params_sha1"] = stages.tree_digest(variables)
+    fingerprint["network.params_sha1"] = tree_digest(variables)
     evaluation_result = study.evaluate(model, variables, checkpoint, fingerprint, network.label)
     stats = {**network_stats(model, variables, dataset.image_shape),
              "size_bytes": int(size_bytes(variables["params"]))}
@@ -227,32 +230,19 @@ def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str,
   strongest = (evaluation.specs[-1].name, max(evaluation.eps)) if evaluation.eps else None
   findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks],
                                           adversarial=strongest)
-  results: dict[str, Any] = {
-      "status": "complete",
-      "task": config.get("task", "compression_study"),
-      "dataset": dataset.name,
-      "seeds": list(settings.seeds),
-      "networks": networks,
-      "cells": cells,
-      "findings": findings,
-      "shift": {"corruptions": list(shift_settings.corruptions),
-                "severities": list(shift_settings.severities),
-                "corrupted_examples": int(len(sets.corrupted_labels)),
-                "domains": list(sets.domains)},
-      "evaluate": common.evaluation_summary(evaluation, (
-          len(dataset.test) if evaluation.max_examples == 0
-          else min(evaluation.max_examples, len(dataset.test)))),
-      "preview": str(preview.name) if preview else None,
-      "devices": mesh.devices.size,
-      "backend": jax.default_backend(),
-      "wall_seconds": time.perf_counter() - wall_start,
-      "config": run.config,
-  }
-  common.save_results(
-      workdir, results, markdown=study_report.study_markdown(results),
+  results = run.results(
+      dataset=dataset.name, seeds=list(settings.seeds), networks=networks, cells=cells,
+      findings=findings,
+      shift={"corruptions": list(shift_settings.corruptions),
+             "severities": list(shift_settings.severities),
+             "corrupted_examples": int(len(sets.corrupted_labels)),
+             "domains": list(sets.domains)},
+      evaluate=evaluation.summary(len(dataset.test) if evaluation.max_examples == 0
+                                  else min(evaluation.max_examples, len(dataset.test))),
+      preview=str(preview.name) if preview else None)
+  return run.finish(
+      results, report=study_report.study_markdown(results),
       summary=study_report.summary_line(results),
       plots=[lambda: study_report.plot_accuracy_vs_compression(
                  results, workdir / "accuracy_vs_compression.png"),
              lambda: study_report.plot_large_vs_small(results, workdir / "large_vs_small.png")])
-  return results
-

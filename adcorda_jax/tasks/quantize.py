@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import ml_collections
@@ -60,6 +60,19 @@ class QuantizeSettings:
   seeds: tuple[int, ...]
   calibration_examples: int
   template: Quantization  # symmetric, calibration, BN folding, activations; bits set per cell.
+
+
+class QuantizeResults(TypedDict):
+  """`results.json` of task=quantize (besides the envelope: status, task, devices, config...)."""
+  dataset: str
+  model: str
+  baseline_checkpoint: str
+  data_source: str
+  seeds: list[int]
+  variant_order: list[str]
+  variants: dict[str, dict[str, Any]]  # float, ptq_w<b>_<granularity>, qat_w<b>: see docstring.
+  quantization: dict[str, Any]
+  evaluate: dict[str, Any]
 
 
 def _int_tuple(section: ml_collections.ConfigDict, key: str, low: int, high: int,
@@ -186,7 +199,7 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
     if adapt is not None:
       cells.qat_variants(settings, adapt, without_alignment(config_keys(config, ("adapt",))))
     template = settings.template
-    results = run.results(
+    results = run.results(**QuantizeResults(
         dataset=baseline.dataset.name, model=baseline.meta["model"]["name"],
         baseline_checkpoint=str(baseline.checkpoint), data_source=baseline.data_source,
         seeds=list(settings.seeds), variant_order=list(cells.variants), variants=cells.variants,
@@ -197,7 +210,7 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
                                           if template.activation_spec else 0),
                       "attack_gradient": template.attack_gradient,
                       "float_size_bytes": cells.float_bytes},
-        evaluate=evaluation.summary(evaluator.robust_examples))
+        evaluate=evaluation.summary(evaluator.robust_examples)))
     return run.finish(
         results, report=quantize_report.quantize_markdown(results),
         summary=quantize_report.summary_line(results),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import ml_collections
@@ -50,6 +50,24 @@ class Settings:
   max_examples: int
   save_adversarial: bool
   data_dir: str
+
+
+class RobustnessResults(TypedDict):
+  """`results.json` of task=robustness (besides the envelope: status, task, devices, config...)."""
+  checkpoint: str
+  dataset: str
+  data_source: str
+  model: str
+  split: str
+  num_examples: int
+  norm: str
+  attacks: list[str]                          # Config order (JSON sorts dict keys).
+  eps: list[float]
+  clean_accuracy: float | None
+  robust_accuracy: dict[str, dict[str, float]]  # attack -> eps key -> accuracy.
+  worst_case_accuracy: dict[str, float]       # eps key -> correct under every attack.
+  records: list[dict[str, Any]]               # One per (attack, eps).
+  attack_descriptions: dict[str, str]
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -160,15 +178,15 @@ def _evaluate(config: ml_collections.ConfigDict, run: pipeline.Run,
   robust = {spec.name: {eps_key(r["eps"]): r["robust_accuracy"]
                         for r in records if r["attack"] == spec.name}
             for spec in settings.specs}
-  results = run.results(
+  results = run.results(**RobustnessResults(
       checkpoint=str(settings.checkpoint), dataset=dataset.name, data_source=data_source,
       model=meta["model"]["name"], split=settings.split, num_examples=count, norm=settings.norm,
-      attacks=[spec.name for spec in settings.specs],  # Config order (JSON sorts dict keys).
+      attacks=[spec.name for spec in settings.specs],
       eps=list(settings.eps), clean_accuracy=clean_accuracy, robust_accuracy=robust,
       # Per eps, the fraction that every attack failed on (per example, as AutoAttack counts).
       worst_case_accuracy={k: float(np.mean(v)) for k, v in robust_to_all.items()},
       records=records,
-      attack_descriptions={spec.name: spec.describe() for spec in settings.specs})
+      attack_descriptions={spec.name: spec.describe() for spec in settings.specs}))
   return run.finish(
       results, report=robustness_report.robustness_markdown(results),
       summary=f"clean accuracy {clean_accuracy:.4f}",

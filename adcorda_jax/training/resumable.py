@@ -23,7 +23,7 @@ from absl import logging
 from adcorda_jax import faults, interrupts
 from adcorda_jax.errors import TrainingError
 from adcorda_jax.progress import Progress
-from adcorda_jax.reporting import metrics_log
+from adcorda_jax.training import metrics_log
 from adcorda_jax.training import checkpointing
 
 # (state, step index from 0) -> (new state, metrics incl. `loss` and `params_finite`).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import ml_collections
@@ -18,14 +18,26 @@ from adcorda_jax.data import Dataset, load_dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import count_params, create_model
 from adcorda_jax.quant.deploy import quantization_from_config
-from adcorda_jax.reporting import metrics_log, plots, report
-from adcorda_jax.training import (batches, checkpointing, evaluation, optim, resumable, sharding,
-                                  steps)
+from adcorda_jax.reporting import plots, report
+from adcorda_jax.training import (batches, checkpointing, evaluation, metrics_log, optim,
+                                  resumable, sharding, steps)
 
 # Raising these on a workdir continues its run from the last checkpoint, with the learning-rate
 # schedule of the new length from there on (so not equal to a fresh run of that length unless
 # the schedule is constant); results.json records the old values as `extended_from`.
 EXTENDABLE_KEYS = frozenset({"train.epochs"})
+
+
+class TrainResults(TypedDict, total=False):
+  """`results.json` of task=train (besides the envelope: status, task, devices, config...)."""
+  dataset: str
+  model: str
+  params: int
+  steps: int
+  resumed_from_step: int
+  examples_per_second: float | None    # Training steps only (not compile, eval, saves).
+  checkpoint: str
+  train_accuracy: float | None         # And val_/test_: accuracy, loss, examples.
 
 
 def model_meta(config: ml_collections.ConfigDict, dataset: Dataset) -> dict[str, Any]:
@@ -137,11 +149,11 @@ def _train(config: ml_collections.ConfigDict, run: pipeline.Run,
   state = outcome.state
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  results = run.results(
+  results = run.results(**TrainResults(
       dataset=dataset.name, model=config.model.name, params=count_params(state.params),
       steps=total_steps, resumed_from_step=outcome.resumed_from_step,
       examples_per_second=outcome.examples_per_second,
-      checkpoint=str((workdir / checkpointing.CHECKPOINT_DIR).absolute()))
+      checkpoint=str((workdir / checkpointing.CHECKPOINT_DIR).absolute())))
   for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
     metrics = evaluate(variables, split.images, split.labels)
     results[f"{name}_accuracy"] = metrics["accuracy"] if metrics else None
