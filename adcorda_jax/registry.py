@@ -42,8 +42,16 @@ class Registry(Generic[T]):
         f"unknown {self.kind} {name!r}{where}; valid names: "
         f"{', '.join(self.names())}{suggestion}")
 
+  def unregister(self, name: str) -> T:
+    """Removes and returns the component named `name` (for tests that register a toy one)."""
+    return self._entries.pop(name)
+
   def names(self) -> list[str]:
     return sorted(self._entries)
+
+  def registered(self) -> list[str]:
+    """The names in registration order (e.g. a default order of components)."""
+    return list(self._entries)
 
   def __contains__(self, name: object) -> bool:
     return name in self._entries

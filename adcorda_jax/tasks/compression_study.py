@@ -27,26 +27,18 @@ from absl import logging
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.adcorda import finetune, stages
 from adcorda_jax.compression import size_bytes
-from adcorda_jax.compression.distillation import read_distill_settings
 from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.progress import Progress
 from adcorda_jax.reporting import study_report
 from adcorda_jax.shift import save_preview_grid
 from adcorda_jax.study import findings as findings_lib
 from adcorda_jax.study.compress import Compressed, Compressor, network_stats
 from adcorda_jax.study.grid import Cell, Network, StudySettings, read_study_settings
+from adcorda_jax.study.methods import COMPRESSION_METHODS, read_method_settings
 from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_shift_settings,
                                           shift_accuracy)
 from adcorda_jax.tasks import common, model_evaluation
 from adcorda_jax.training import checkpointing, sharding
-
-
-def _quant_template(config: ml_collections.ConfigDict):
-  """`model.quant` with a placeholder bit width: the grid kind and calibration PTQ cells use."""
-  quant = config.model.to_dict().get("quant") or {}
-  return quantization_from_config(ml_collections.ConfigDict(
-      {"quant": {**quant, "weight_bits": 8, "activation_bits": 0, "fold_batch_norm": False}}))
 
 
 class _Study:
@@ -123,14 +115,9 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
   Returns the result and whether it came from the cache.
   """
   directory = study.workdir / "cells" / cell.path
-  keys = ("train", "adapt", "model") + (("distill",) if cell.method == "distillation" else ())
-  magnitude = cell.method == "magnitude_pruning"
-  fingerprint = {**original["fingerprint"],
-                 "study.magnitude_scope": study.settings.magnitude_scope if magnitude else None,
-                 **({"study.magnitude_schedule": study.settings.magnitude_schedule}
-                    if magnitude and study.settings.magnitude_schedule != "one_shot" else {}),
-                 "cell": cell.path,
-                 **stages.without_alignment(stages.config_fingerprint(study.config, keys))}
+  method = COMPRESSION_METHODS.get(cell.method)
+  fingerprint = {**original["fingerprint"], **method.cell_fingerprint(
+      study.config, cell, compressor.method_settings[cell.method])}
   stages.claim(directory, "cell", {**fingerprint, **study.shift_keys, **study.evaluate_keys})
   done = stages.load_done(directory)
   if done is not None:
@@ -164,8 +151,7 @@ def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str,
   settings = read_study_settings(config)
   evaluation = stages.read_evaluation(config)
   adapt = finetune.read_adapt_settings(config)
-  distill = read_distill_settings(config) if "distillation" in settings.methods else None
-  quant_template = _quant_template(config)
+  method_settings = read_method_settings(config, settings.methods)
   seed = config.get("seed", 0)
   dataset = load_dataset(config.data, seed)
   shift_settings = read_shift_settings(config, dataset.image_shape[2])
@@ -193,8 +179,7 @@ def _study(config: ml_collections.ConfigDict, run: workdir_lib.Run) -> dict[str,
                                 "model_config": meta["model"], "fingerprint": fingerprint,
                                 "evaluation": evaluation_result, "stats": stats}
 
-  compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope,
-                          settings.magnitude_schedule)
+  compressor = Compressor(dataset, adapt, method_settings)
   by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
   grid = settings.cells()
   progress = Progress(len(grid), "study", unit="cell")
