@@ -43,7 +43,7 @@ class Registry(Generic[T]):
         f"{', '.join(self.names())}{suggestion}")
 
   def unregister(self, name: str) -> T:
-    """Removes and returns `name` (for tests that register a temporary component)."""
+    """Removes and returns the component named `name` (for tests that register a toy one)."""
     return self._entries.pop(name)
 
   def names(self) -> list[str]:
@@ -52,6 +52,10 @@ class Registry(Generic[T]):
   def items(self) -> list[tuple[str, T]]:
     """(name, component) pairs in registration order."""
     return list(self._entries.items())
+
+  def registered(self) -> list[str]:
+    """The names in registration order (e.g. a default order of components)."""
+    return list(self._entries)
 
   def __contains__(self, name: object) -> bool:
     return name in self._entries

@@ -1,7 +1,9 @@
 """Small helpers shared by the test modules."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
@@ -41,3 +43,44 @@ def override(config, **overrides):
       node = node[section]
     node[field] = value
   return config
+
+
+@contextlib.contextmanager
+def registered_noise_pruning() -> Iterator[Any]:
+  """Registers a toy compression method, `noise_pruning`, for the duration of the block.
+
+  It zeroes a random `rate` of every kernel's weights (seeded by the cell) and trains nothing:
+  the whole method is this one class and one `register_method` call, as a new method would be.
+  """
+  import jax
+
+  from adcorda_jax.compression import size_bytes
+  from adcorda_jax.study import methods
+
+  class NoisePruning(methods.CompressionMethod):
+    name = "noise_pruning"
+    family = "pruning"
+    trains = False
+
+    def check_rate(self, rate, key):
+      methods.check_fraction(rate, key, "fractions zeroed")
+
+    def compress(self, compressor, cell, original, settings, directory):
+      key = jax.random.key(cell.seed)
+
+      def zero_some(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+          keep = jax.random.uniform(jax.random.fold_in(key, leaf.size), leaf.shape) >= cell.rate
+          return leaf * keep
+        return leaf
+
+      params = jax.tree_util.tree_map_with_path(zero_some, original.variables["params"])
+      variables = {**original.variables, "params": params}
+      return methods.Compressed(original.model, variables, original.model_config,
+                                size_bytes(params, sparse=True), {"zeroed": cell.rate})
+
+  method = methods.register_method(NoisePruning())
+  try:
+    yield method
+  finally:
+    methods.COMPRESSION_METHODS.unregister("noise_pruning")

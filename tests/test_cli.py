@@ -56,6 +56,7 @@ def test_every_config_builds_and_its_sections_validate(path):
   from adcorda_jax.models import create_model
   from adcorda_jax.compression.distillation import read_distill_settings
   from adcorda_jax.study.grid import read_study_settings
+  from adcorda_jax.study.methods import read_method_settings
   from adcorda_jax.study.shift_eval import read_shift_settings
   from adcorda_jax.tasks import quantize
   module = importlib.import_module(f"configs.{path[:-3]}")
@@ -77,4 +78,5 @@ def test_every_config_builds_and_its_sections_validate(path):
       assert settings.cells()
       read_shift_settings(config, 3)
       read_distill_settings(config)
+      read_method_settings(config, settings.methods)
       read_evaluation(config)

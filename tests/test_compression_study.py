@@ -13,9 +13,12 @@ from adcorda_jax import tasks
 from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.study import compress, findings
+from adcorda_jax.models import create_model
 from adcorda_jax.study.shift_eval import build_shifted_sets, read_shift_settings, shift_accuracy
+from adcorda_jax.evaluate import evaluator as model_evaluation
+from adcorda_jax.training import sharding
 from configs import compression_digits
-from tests.helpers import one_line, override
+from tests.helpers import one_line, override, registered_noise_pruning
 
 CORRUPTIONS = "gaussian_noise,contrast,pixelate"
 
@@ -129,6 +132,42 @@ def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, mo
     assert cell["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
     relative = [findings.relative_robustness(s) for s in (seed0, seed1)]
     assert cell["relative_robustness_std"] == pytest.approx(np.std(relative, ddof=1))
+
+
+def test_a_new_method_joins_a_finished_study_without_other_edits(study, tmp_path, monkeypatch):
+  workdir, results = study
+  copy = tmp_path / "study"
+  shutil.copytree(workdir, copy)
+  (copy / "results.json").unlink()
+  calls = _count_compressions(monkeypatch)
+  with registered_noise_pruning():
+    rerun = tasks.run_task(tiny_config(**{
+        "study.methods": "noise_pruning,ptq", "study.seeds": (0, 1),
+        "study.rates.noise_pruning": (0.5,)}), copy)
+  # The networks and PTQ cells are reused; noise pruning trains nothing, so it runs one seed.
+  assert calls == ["large/noise_pruning_0.5/seed0", "small/noise_pruning_0.5/seed0"]
+  assert [c["name"] for c in rerun["cells"]] == ["noise_pruning_0.5", "ptq_w8"] * 2
+  assert rerun["networks"] == results["networks"]
+  for cell in rerun["cells"]:
+    if cell["method"] == "noise_pruning":
+      assert cell["nonzero_params"] < 0.7 * cell["params"]
+  # Noise pruning is a pruning method to the findings; there is no distillation to compare.
+  assert rerun["findings"][2]["held"] is None and "pruning 0." in rerun["findings"][2]["evidence"]
+
+
+def test_predictors_of_equal_networks_compile_once():
+  """Each seed's and cell's network is a new module: equal ones share one compiled predictor."""
+  mesh = sharding.make_mesh()
+  images = np.random.default_rng(0).random((40, 8, 8, 1), np.float32)
+  compiled = model_evaluation._module_labels._cache_size()
+  for width, new_programs in ((0.25, 1), (0.25, 0), (0.125, 1), (0.25, 0)):
+    model = create_model({"name": "small_cnn", "width": width}, 10, (0.5,), (0.25,))
+    variables = model.init(jax.random.key(0), images[:1])
+    predict = model_evaluation.make_predictor(model.apply, 16, mesh)
+    labels = predict(variables, images)
+    np.testing.assert_array_equal(labels, np.argmax(model.apply(variables, images), -1))
+    assert model_evaluation._module_labels._cache_size() == compiled + new_programs
+    compiled += new_programs
 
 
 def test_changed_cell_settings_are_refused_not_mixed(study, tmp_path):

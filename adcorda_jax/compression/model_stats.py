@@ -6,6 +6,7 @@ Unstructured zeros do not lower FLOPs here: dense kernels multiply them anyway.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -36,11 +37,24 @@ def _flops(cost: Any) -> float:
   return float(cost["flops"])
 
 
+def _eval_forward(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+  return model.apply(variables, images, train=False)
+
+
+# Keyed by the module's value, so equal models (a study's seeds and cells) compile once.
+_shared_eval_forward = jax.jit(_eval_forward, static_argnums=0)
+
+
 def flops_per_example(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> float:
   """FLOPs of one eval-mode forward pass on a single image of `image_shape` (H, W, C)."""
   images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  return _flops(forward.lower(variables, images).compile().cost_analysis())
+  try:
+    hash(model)
+  except TypeError:  # A field that does not hash (e.g. an array): compile for this model only.
+    lowered = jax.jit(functools.partial(_eval_forward, model)).lower(variables, images)
+  else:
+    lowered = _shared_eval_forward.lower(model, variables, images)
+  return _flops(lowered.compile().cost_analysis())
 
 
 def size_bytes(params: Any, sparse: bool = False) -> int:

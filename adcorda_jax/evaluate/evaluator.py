@@ -7,9 +7,11 @@ of recomputed once finished; robust accuracy streams through the resumable attac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,19 +30,56 @@ Predictor = Callable[[Any, np.ndarray], np.ndarray]
 AttackModelFn = Callable[[Any], tuple[Callable[..., jax.Array], Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModuleApply:
+  """`module.apply`, equal (and hashing equal) for equal modules: one compiled predictor each."""
+  module: nn.Module
+
+  def __call__(self, variables: Any, images: jax.Array) -> jax.Array:
+    return self.module.apply(variables, images)
+
+
+def _predicted_labels(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
+                      ) -> jax.Array:
+  return jnp.argmax(apply_fn(variables, images), -1)
+
+
+# One program per (equal) module, shared by every predictor of it.
+_module_labels = jax.jit(_predicted_labels, static_argnums=0)
+
+
+def _labels_fn(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:
+  """The jitted `(variables, images) -> argmax labels` of `apply_fn`.
+
+  For a bound `module.apply` it is one program shared by all equal modules (a bound method
+  compares by its module's identity, so every seed's and cell's new but equal module would
+  otherwise compile again); any other function gets its own program.
+  """
+  module = getattr(apply_fn, "__self__", None)
+  if (isinstance(module, nn.Module)
+      and getattr(apply_fn, "__func__", None) is getattr(type(module), "apply", None)):
+    try:
+      hash(module)
+    except TypeError:  # A field that does not hash (e.g. an array): one program per predictor.
+      pass
+    else:
+      return functools.partial(_module_labels, _ModuleApply(module))
+  return jax.jit(functools.partial(_predicted_labels, apply_fn))
+
+
 def make_predictor(apply_fn: Callable[..., jax.Array], batch_size: int, mesh: jax.sharding.Mesh
                    ) -> Predictor:
   """`predict(variables, images) -> int32 [N]` argmax of `apply_fn` in padded, sharded batches.
 
   `apply_fn(variables, images)` is `model.apply` or anything with its signature (e.g. a
-  quantized apply).
+  quantized apply). Predictors of equal modules' `apply` share one compiled program.
   """
-  apply = jax.jit(lambda variables, images: jnp.argmax(apply_fn(variables, images), -1))
+  labels = _labels_fn(apply_fn)
 
   def predict(variables: Any, images: np.ndarray) -> np.ndarray:
     variables = sharding.replicate(variables, mesh)
     dummy = np.zeros(len(images), np.int32)
-    chunks = [evaluation.to_host(apply(variables, sharding.put_batch(batch, mesh)["image"]))
+    chunks = [evaluation.to_host(labels(variables, sharding.put_batch(batch, mesh)["image"]))
               for batch in batches.padded_batches(images, dummy, batch_size)]
     return np.concatenate(chunks)[:len(images)].astype(np.int32) if chunks else dummy
 

@@ -7,6 +7,11 @@ over corruptions and severities, and each extra domain). Each finding is one rec
 network only, or a method not run), and `evidence` gives the numbers that decide it. The paper
 also attacked its networks, so each record carries the same rule applied to relative adversarial
 robustness (robust / clean accuracy) as `adversarial: {held, evidence}`.
+
+Findings 3 and 4 compare groups of methods by the `family` of their registered entry
+(`study.methods.COMPRESSION_METHODS`): distillation against pruning, then 8-bit `ptq` against
+both. A group the study did not run leaves its findings untested; a method of another family, or
+one no longer registered, counts only as "compressed" (findings 1 and 2).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from adcorda_jax.attacks.eps import eps_key, eps_label
+from adcorda_jax.study.methods import COMPRESSION_METHODS
 
 STATEMENTS = {
     1: "compressed networks are less robust to distribution shift than their originals",
@@ -22,7 +28,6 @@ STATEMENTS = {
     3: "networks from knowledge distillation are more robust than pruned ones",
     4: "8-bit post-training quantization keeps robustness best, beating pruning and distillation",
 }
-PRUNING = ("filter_pruning", "magnitude_pruning")
 
 
 def shifted_accuracy(entry: dict[str, Any]) -> float:
@@ -35,6 +40,11 @@ def shifted_accuracy(entry: dict[str, Any]) -> float:
 
 def relative_robustness(entry: dict[str, Any]) -> float:
   return shifted_accuracy(entry) / max(entry["test_accuracy"], 1e-12)
+
+
+def family(method: str) -> str | None:
+  """The registered family of `method` ("pruning", ...), or None for an unknown method."""
+  return COMPRESSION_METHODS.get(method).family if method in COMPRESSION_METHODS else None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -90,9 +100,8 @@ def _decide(originals: dict[str, dict[str, Any]], cells: list[dict[str, Any]],
   by_network = {label: [measure(c) for c in cells if c["network"] == label]
                 for label in network_order}
 
-  def method_mean(methods: Sequence[str], rate: float | None = None) -> float | None:
-    return _mean([measure(c) for c in cells if c["method"] in methods
-                  and (rate is None or c["rate"] == rate)])
+  def group_mean(member: Callable[[dict[str, Any]], bool]) -> float | None:
+    return _mean([measure(c) for c in cells if member(c)])
 
   verdicts: list[tuple[bool | None, str]] = []
   # 1. Compressed below original, for every network.
@@ -120,12 +129,13 @@ def _decide(originals: dict[str, dict[str, Any]], cells: list[dict[str, Any]],
     verdicts.append((None, "needs two networks with compressed cells"))
 
   # 3. Distillation above pruning.
-  kd, pruned = method_mean(("distillation",)), method_mean(PRUNING)
+  kd = group_mean(lambda c: family(c["method"]) == "distillation")
+  pruned = group_mean(lambda c: family(c["method"]) == "pruning")
   verdicts.append((None if kd is None or pruned is None else kd > pruned,
                    f"mean: distillation {_fmt(kd)}, pruning {_fmt(pruned)}"))
 
   # 4. 8-bit PTQ above both pruning and distillation.
-  ptq8 = method_mean(("ptq",), rate=8.0)
+  ptq8 = group_mean(lambda c: c["method"] == "ptq" and c["rate"] == 8.0)
   others = [v for v in (kd, pruned) if v is not None]
   verdicts.append((None if ptq8 is None or not others else all(ptq8 > v for v in others),
                    f"mean: ptq 8-bit {_fmt(ptq8)}, pruning {_fmt(pruned)}, "

@@ -7,8 +7,10 @@
     study.rates.distillation = (0.5,)           # student width as a fraction of the teacher's
     study.rates.ptq = (8, 4)                    # weight bits
 
-Each (network, method, rate, seed) is one `Cell`, computed once and cached in the workdir.
-Every bad entry is a one-line ConfigError naming its key.
+Each (network, method, rate, seed) is one `Cell`, computed once and cached in the workdir. The
+methods and what their rates mean come from `study.methods.COMPRESSION_METHODS`; their own
+settings (e.g. `study.magnitude_scope`) are read by `methods.read_method_settings`. Every bad entry
+is a one-line ConfigError naming its key.
 """
 from __future__ import annotations
 
@@ -17,15 +19,9 @@ from typing import Any
 
 import ml_collections
 
-from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import MODELS
-from adcorda_jax.quant.fake_quant import WEIGHT_BITS
-
-METHODS = ("filter_pruning", "magnitude_pruning", "distillation", "ptq")
-PRUNING = ("filter_pruning", "magnitude_pruning")
-MAGNITUDE_SCOPES = ("global", "layer")
-MAGNITUDE_SCHEDULES = ("one_shot", "gradual")
+from adcorda_jax.study.methods import COMPRESSION_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +47,7 @@ class Cell:
 
   @property
   def name(self) -> str:
-    rate = f"w{int(self.rate)}" if self.method == "ptq" else f"{self.rate:g}"
-    return f"{self.method}_{rate}"
+    return f"{self.method}_{COMPRESSION_METHODS.get(self.method).rate_label(self.rate)}"
 
   @property
   def path(self) -> str:
@@ -66,15 +61,14 @@ class StudySettings:
   methods: tuple[str, ...]
   rates: dict[str, tuple[float, ...]]
   seeds: tuple[int, ...]
-  magnitude_scope: str
-  magnitude_schedule: str
   plot_corruptions: bool
 
   def cells(self) -> list[Cell]:
-    """Every cell; PTQ has no training, so it runs once (first seed) instead of per seed."""
+    """Every cell; a method that does not train (PTQ) runs once (first seed), not per seed."""
     return [Cell(network, method, rate, seed) for network in self.networks
             for method in self.methods for rate in self.rates[method]
-            for seed in (self.seeds[:1] if method == "ptq" else self.seeds)]
+            for seed in (self.seeds if COMPRESSION_METHODS.get(method).trains
+                         else self.seeds[:1])]
 
 
 def _network(entry: Any, index: int, count: int) -> Network:
@@ -103,14 +97,7 @@ def _rates(section: ml_collections.ConfigDict, method: str) -> tuple[float, ...]
   for value in values:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{key} entries must be numbers, got {value!r}")
-    if method == "ptq" and (value != int(value) or not WEIGHT_BITS[0] <= value <= WEIGHT_BITS[1]):
-      raise ConfigError(f"{key} entries are weight bits, integers in {WEIGHT_BITS[0]}.."
-                        f"{WEIGHT_BITS[1]}; got {value!r}")
-    if method in PRUNING and not 0 < value < 1:
-      raise ConfigError(f"{key} entries are fractions removed, in (0, 1); got {value!r}")
-    if method == "distillation" and not 0 < value < 1:
-      raise ConfigError(f"{key} entries are student widths relative to the teacher, in (0, 1); "
-                        f"got {value!r}")
+    COMPRESSION_METHODS.get(method).check_rate(value, key)
   return tuple(float(v) for v in values)
 
 
@@ -126,14 +113,12 @@ def read_study_settings(config: ml_collections.ConfigDict) -> StudySettings:
   networks = tuple(_network(entry, i, len(entries)) for i, entry in enumerate(entries))
   if len({(n.name, n.width) for n in networks}) != len(networks):
     raise ConfigError(f"study.networks lists a network twice: {entries!r}")
-  methods_text = section.get("methods", ",".join(METHODS))
+  methods_text = section.get("methods", ",".join(COMPRESSION_METHODS.registered()))
   if not isinstance(methods_text, str):
     raise ConfigError(f"study.methods must be a comma-separated string, got {methods_text!r}")
   methods = tuple(m.strip() for m in methods_text.split(",") if m.strip())
   for method in methods:
-    if method not in METHODS:
-      raise ConfigError(f"unknown compression method {method!r} (study.methods); valid: "
-                        f"{', '.join(METHODS)}")
+    COMPRESSION_METHODS.get(method, "study.methods")
   if not methods or len(set(methods)) != len(methods):
     raise ConfigError(f"study.methods must name distinct methods, got {methods_text!r}")
   seeds = section.get("seeds", (0,))
@@ -145,8 +130,4 @@ def read_study_settings(config: ml_collections.ConfigDict) -> StudySettings:
       networks=networks, methods=methods,
       rates={method: _rates(section.get("rates"), method) for method in methods},
       seeds=tuple(seeds),
-      magnitude_scope=config_checks.one_of(section, "magnitude_scope", "study", MAGNITUDE_SCOPES,
-                                           default="global"),
-      magnitude_schedule=config_checks.one_of(section, "magnitude_schedule", "study",
-                                              MAGNITUDE_SCHEDULES, default="one_shot"),
       plot_corruptions=bool(section.get("plot_corruptions", True)))

@@ -26,17 +26,16 @@ from absl import logging
 
 from adcorda_jax import pipeline
 from adcorda_jax import workdir as workdir_lib
-from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS, without_alignment
+from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS
 from adcorda_jax.compression import size_bytes
-from adcorda_jax.compression.distillation import read_distill_settings
 from adcorda_jax.data import Dataset, load_dataset
-from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.progress import Progress
 from adcorda_jax.reporting import study_report
 from adcorda_jax.shift import save_preview_grid
 from adcorda_jax.study import findings as findings_lib
 from adcorda_jax.study.compress import Compressed, Compressor, network_stats
 from adcorda_jax.study.grid import Cell, Network, StudySettings, read_study_settings
+from adcorda_jax.study.methods import COMPRESSION_METHODS, read_method_settings
 from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_shift_settings,
                                           shift_accuracy)
 from adcorda_jax.evaluate import EvaluationSettings, Evaluator, aggregate, read_evaluation
@@ -44,13 +43,6 @@ from adcorda_jax.evaluate import make_predictor
 from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
 from adcorda_jax.training import checkpointing, finetune, sharding
 from adcorda_jax.training.baseline import ensure_baseline
-
-
-def _quant_template(config: ml_collections.ConfigDict):
-  """`model.quant` with a placeholder bit width: the grid kind and calibration PTQ cells use."""
-  quant = config.model.to_dict().get("quant") or {}
-  return quantization_from_config(ml_collections.ConfigDict(
-      {"quant": {**quant, "weight_bits": 8, "activation_bits": 0, "fold_batch_norm": False}}))
 
 
 class _Study:
@@ -124,14 +116,9 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
   Returns the result and whether it came from the cache.
   """
   directory = study.workdir / "cells" / cell.path
-  keys = ("train", "adapt", "model") + (("distill",) if cell.method == "distillation" else ())
-  magnitude = cell.method == "magnitude_pruning"
-  fingerprint = {**original["fingerprint"],
-                 "study.magnitude_scope": study.settings.magnitude_scope if magnitude else None,
-                 **({"study.magnitude_schedule": study.settings.magnitude_schedule}
-                    if magnitude and study.settings.magnitude_schedule != "one_shot" else {}),
-                 "cell": cell.path,
-                 **without_alignment(config_keys(study.config, keys))}
+  method = COMPRESSION_METHODS.get(cell.method)
+  fingerprint = {**original["fingerprint"], **method.cell_fingerprint(
+      study.config, cell, compressor.method_settings[cell.method])}
   stage = pipeline.Stage(directory, "cell", {**fingerprint, **study.shift_keys,
                                              **study.evaluate_keys}, ALIGNMENT_KEYS).claim()
   done = stage.done()
@@ -165,8 +152,7 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
   settings = read_study_settings(config)
   evaluation = read_evaluation(config)
   adapt = finetune.read_finetune_settings(config)
-  distill = read_distill_settings(config) if "distillation" in settings.methods else None
-  quant_template = _quant_template(config)
+  method_settings = read_method_settings(config, settings.methods)
   seed = config.get("seed", 0)
   dataset = load_dataset(config.data, seed)
   shift_settings = read_shift_settings(config, dataset.image_shape[2])
@@ -196,8 +182,7 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
                                 "model_config": meta["model"], "fingerprint": fingerprint,
                                 "evaluation": evaluation_result, "stats": stats}
 
-  compressor = Compressor(dataset, adapt, distill, quant_template, settings.magnitude_scope,
-                          settings.magnitude_schedule)
+  compressor = Compressor(dataset, adapt, method_settings)
   by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
   grid = settings.cells()
   progress = Progress(len(grid), "study", unit="cell")
