@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from adcorda_jax.adcorda.settings import without_alignment
+from adcorda_jax.training.finetune import without_alignment
 from adcorda_jax.pipeline.fingerprint import config_keys
 from adcorda_jax.training import finetune
 from adcorda_jax.data import load_dataset

@@ -23,19 +23,11 @@ from adcorda_jax.evaluate import EvaluationSettings, read_evaluation
 from adcorda_jax.quant.deploy import (Deployment, FloatDeployment, Quantization,
                                       quantization_from_config)
 from adcorda_jax.training import sharding
-from adcorda_jax.training.finetune import FinetuneSettings, read_finetune_settings
+from adcorda_jax.training.finetune import (ALIGNMENT_KEYS, FinetuneSettings,
+                                          read_finetune_settings, without_alignment)
 
-# Keys read only by the aligned fine-tuning (stage 2's `adcorda` variant): the cross-entropy-only
-# runs (controls, QAT, pruning and study fine-tuning) leave them out of their fingerprints, so
-# changing them redoes only the runs that use them. Records written by release 0.1.0 hold them
-# in every run; those still match (`pipeline.Stage.retired_keys`).
-ALIGNMENT_KEYS = frozenset({"adapt.alignment", "adapt.lambda_"})
-
-
-def without_alignment(fingerprint: dict[str, Any]) -> dict[str, Any]:
-  """`fingerprint` for a run that does not read the alignment keys."""
-  return {k: v for k, v in fingerprint.items() if k not in ALIGNMENT_KEYS}
-
+__all__ = ["ALIGNMENT_KEYS", "AdaptationSettings", "CorrectionSettings", "Settings",
+           "read_adaptation", "read_correction", "read_settings", "without_alignment"]
 
 @dataclasses.dataclass(frozen=True)
 class CorrectionSettings:

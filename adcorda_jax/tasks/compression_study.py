@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import ml_collections
@@ -26,7 +26,7 @@ from absl import logging
 
 from adcorda_jax import pipeline
 from adcorda_jax import workdir as workdir_lib
-from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS
+from adcorda_jax.training.finetune import ALIGNMENT_KEYS
 from adcorda_jax.compression import size_bytes
 from adcorda_jax.data import Dataset, load_dataset
 from adcorda_jax.progress import Progress
@@ -43,6 +43,18 @@ from adcorda_jax.evaluate import make_predictor
 from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
 from adcorda_jax.training import checkpointing, finetune, sharding
 from adcorda_jax.training.baseline import ensure_baseline
+
+
+class StudyResults(TypedDict):
+  """`results.json` of task=compression_study (besides the envelope: status, task, config...)."""
+  dataset: str
+  seeds: list[int]
+  networks: dict[str, dict[str, Any]]  # label -> the original network's seed-averaged results.
+  cells: list[dict[str, Any]]          # One per (network, method, rate), seed-averaged.
+  findings: list[dict[str, Any]]       # The paper's four findings, decided with evidence.
+  shift: dict[str, Any]
+  evaluate: dict[str, Any]
+  preview: str | None
 
 
 class _Study:
@@ -137,6 +149,36 @@ def _run_cell(study: _Study, compressor: Compressor, cell: Cell, original: dict[
   return stage.finish(result), False
 
 
+def _original(study: _Study, network: Network) -> dict[str, Any]:
+  """One original network: trained (or loaded) in `networks/<label>`, evaluated, measured."""
+  checkpoint, fingerprint = _train_network(study, network)
+  variables, meta = checkpointing.load_checkpoint(checkpoint)
+  model = checkpointing.model_from_meta(meta)
+  fingerprint["network.params_sha1"] = tree_digest(variables)
+  evaluation = study.evaluate(model, variables, checkpoint, fingerprint, network.label)
+  stats = {**network_stats(model, variables, study.dataset.image_shape),
+           "size_bytes": int(size_bytes(variables["params"]))}
+  return {"model": model, "variables": variables, "meta": meta, "model_config": meta["model"],
+          "fingerprint": fingerprint, "evaluation": evaluation, "stats": stats}
+
+
+def _run_grid(study: _Study, compressor: Compressor, originals: dict[str, dict[str, Any]]
+              ) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
+  """Every cell of the grid, computed or loaded: (network, method, rate) -> per-seed results."""
+  by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+  grid = study.settings.cells()
+  progress = Progress(len(grid), "study", unit="cell")
+  for cell in grid:
+    result, cached = _run_cell(study, compressor, cell, originals[cell.network.label])
+    by_group.setdefault((cell.network.label, cell.method, cell.rate), []).append(result)
+    if cached:
+      progress.skip(1)
+    else:
+      progress.update(1, clean=result["test_accuracy"])
+  progress.close()
+  return by_group
+
+
 def run_compression_study(config: ml_collections.ConfigDict, workdir: str | Path
                           ) -> dict[str, Any]:
   """Runs (or resumes) the whole grid in `workdir`; returns (and saves) the results."""
@@ -169,31 +211,8 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
     save_preview_grid(preview, dataset.test.images[:2], jax.random.key(seed),
                       names=list(shift_settings.corruptions))
 
-  originals: dict[str, dict[str, Any]] = {}
-  for network in settings.networks:
-    checkpoint, fingerprint = _train_network(study, network)
-    variables, meta = checkpointing.load_checkpoint(checkpoint)
-    model = checkpointing.model_from_meta(meta)
-    fingerprint["network.params_sha1"] = tree_digest(variables)
-    evaluation_result = study.evaluate(model, variables, checkpoint, fingerprint, network.label)
-    stats = {**network_stats(model, variables, dataset.image_shape),
-             "size_bytes": int(size_bytes(variables["params"]))}
-    originals[network.label] = {"model": model, "variables": variables, "meta": meta,
-                                "model_config": meta["model"], "fingerprint": fingerprint,
-                                "evaluation": evaluation_result, "stats": stats}
-
-  compressor = Compressor(dataset, adapt, method_settings)
-  by_group: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-  grid = settings.cells()
-  progress = Progress(len(grid), "study", unit="cell")
-  for cell in grid:
-    result, cached = _run_cell(study, compressor, cell, originals[cell.network.label])
-    by_group.setdefault((cell.network.label, cell.method, cell.rate), []).append(result)
-    if cached:
-      progress.skip(1)
-    else:
-      progress.update(1, clean=result["test_accuracy"])
-  progress.close()
+  originals = {network.label: _original(study, network) for network in settings.networks}
+  by_group = _run_grid(study, Compressor(dataset, adapt, method_settings), originals)
 
   networks = {}
   for network in settings.networks:
@@ -215,7 +234,7 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
   strongest = (evaluation.specs[-1].name, max(evaluation.eps)) if evaluation.eps else None
   findings = findings_lib.decide_findings(networks, cells, [n.label for n in settings.networks],
                                           adversarial=strongest)
-  results = run.results(
+  results = run.results(**StudyResults(
       dataset=dataset.name, seeds=list(settings.seeds), networks=networks, cells=cells,
       findings=findings,
       shift={"corruptions": list(shift_settings.corruptions),
@@ -224,7 +243,7 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
              "domains": list(sets.domains)},
       evaluate=evaluation.summary(len(dataset.test) if evaluation.max_examples == 0
                                   else min(evaluation.max_examples, len(dataset.test))),
-      preview=str(preview.name) if preview else None)
+      preview=str(preview.name) if preview else None))
   return run.finish(
       results, report=study_report.study_markdown(results),
       summary=study_report.summary_line(results),

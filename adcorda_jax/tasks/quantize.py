@@ -32,7 +32,7 @@ from absl import logging
 
 from adcorda_jax import config_checks
 from adcorda_jax import pipeline
-from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS, without_alignment
+from adcorda_jax.training.finetune import ALIGNMENT_KEYS, without_alignment
 from adcorda_jax.data import Dataset
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.quant import calibration, export
