@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 
 import ml_collections
 import numpy as np
@@ -117,3 +118,18 @@ def test_digests_equal_what_release_0_1_0_recorded():
   assert fingerprint.tree_digest(tree) == old.hexdigest()
   assert fingerprint.tree_digest(tree) != fingerprint.tree_digest(
       {"dense": {"kernel": images[0] + 1, "bias": labels}})
+
+
+def test_adcorda_batch_sizes_are_checked_against_the_mesh_before_any_stage():
+  """A batch that the devices cannot split fails in read_settings, not after the correction."""
+  from adcorda_jax.adcorda import settings as adcorda_settings
+  from configs import adcorda_digits
+  config = adcorda_digits.get_config()
+  config.correct.batch_size, config.evaluate.batch_size, config.adapt.batch_size = 129, 129, 64
+  three_devices = types.SimpleNamespace(devices=np.zeros(3))
+  with pytest.raises(ConfigError) as error:
+    adcorda_settings.read_settings(config, three_devices)
+  assert one_line(error) == ("adapt.batch_size=64 cannot be split over 3 devices; use a multiple "
+                             "of 3")
+  config.adapt.batch_size = 66
+  assert adcorda_settings.read_settings(config, three_devices).adapt.finetune.batch_size == 66
