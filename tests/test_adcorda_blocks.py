@@ -58,7 +58,7 @@ def test_coral_scales_as_fourth_power():
         c ** 4 * base, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["coral", "mmd"])
+@pytest.mark.parametrize("name", ["coral", pytest.param("mmd", marks=pytest.mark.slow)])
 def test_mask_ignores_padding_rows(name):
   loss = alignment.alignment_loss(name)
   source, target = features(8, seed=7), features(10, seed=8) + 1.0
@@ -68,6 +68,7 @@ def test_mask_ignores_padding_rows(name):
                              rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_mmd_zero_positive_and_symmetric():
   source, target = features(10, seed=9), features(14, seed=10)
   assert abs(float(alignment.mmd_loss(source, source))) < 1e-5

@@ -49,6 +49,7 @@ def finished(tmp_path_factory):
   return workdir, adcorda.run_adcorda(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_run_writes_results_report_and_plots(finished):
   workdir, results = finished
   for name in ("results.json", "report.md", "accuracy.png", "corrections.png", "config.json",
@@ -80,6 +81,7 @@ def test_run_writes_results_report_and_plots(finished):
   assert f"| {correction['misclassified']} | {correction['corrected']} |" in report
 
 
+@pytest.mark.slow
 def test_corrected_set_changes_only_misclassified_rows_within_eps(finished):
   workdir, results = finished
   config = tiny_config()
@@ -100,6 +102,7 @@ def test_corrected_set_changes_only_misclassified_rows_within_eps(finished):
   np.testing.assert_array_equal(fixed, labels[changed])
 
 
+@pytest.mark.slow
 def test_rerun_returns_saved_results_without_work(finished):
   workdir, results = finished
   calls = []
@@ -114,6 +117,7 @@ class _Stop(Exception):
   """Raised from a callback to simulate a killed run."""
 
 
+@pytest.mark.slow
 def test_interrupted_correct_and_adapt_resume_to_the_same_numbers(finished, tmp_path):
   _, reference = finished
 
@@ -145,6 +149,7 @@ def test_interrupted_correct_and_adapt_resume_to_the_same_numbers(finished, tmp_
       assert run == again, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, stage, expected", [
     ("train.epochs", 2, "baseline", "train.epochs"),
     ("correct.eps", 0.2, "correct", "correct.eps"),
@@ -162,6 +167,7 @@ def test_config_change_that_invalidates_a_stage_is_named(finished, tmp_path, key
   assert "differs at: " + expected in message  # The config key, not a digest.
 
 
+@pytest.mark.slow
 def test_changing_lambda_redoes_only_the_runs_that_read_it(finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished[0], workdir)
@@ -175,6 +181,7 @@ def test_changing_lambda_redoes_only_the_runs_that_read_it(finished, tmp_path):
     assert results["variants"][control] == finished[1]["variants"][control]
 
 
+@pytest.mark.slow
 def test_external_baseline_checkpoint_and_changed_provenance(finished, tmp_path):
   workdir, reference = finished
   config = tiny_config(**{"adcorda.baseline_checkpoint": str(workdir / "baseline")})
@@ -207,6 +214,7 @@ def test_bad_config_values_name_their_key(tmp_path, key, value, expected):
   assert not (tmp_path / "baseline").exists()  # Checked before any work.
 
 
+@pytest.mark.slow
 def test_finetune_frozen_batch_norm_and_trainable_mask(finished, tmp_path):
   workdir, _ = finished
   variables, meta = checkpointing.load_checkpoint(workdir / "baseline")
@@ -232,6 +240,7 @@ def test_finetune_frozen_batch_norm_and_trainable_mask(finished, tmp_path):
       0, finetune.TARGET_STREAM)
 
 
+@pytest.mark.slow
 def test_nothing_misclassified_gives_the_original_set(finished, tmp_path):
   """A baseline that is right on every training image: the set is unchanged, the stats say so."""
   workdir, _ = finished

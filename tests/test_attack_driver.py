@@ -68,6 +68,7 @@ def _arrays(result):
   return {name: getattr(result, name) for name in names}
 
 
+@pytest.mark.slow
 def test_batches_equal_direct_pgd_calls_with_per_batch_keys_and_padding_never_counts(problem):
   params, images, labels = problem
   result = _attack(problem, save_adversarial=True)
@@ -93,6 +94,7 @@ def test_batches_equal_direct_pgd_calls_with_per_batch_keys_and_padding_never_co
   assert np.all(result.perturbation_norm <= EPS + 1e-6)
 
 
+@pytest.mark.slow
 def test_deterministic_correction_does_not_depend_on_the_batch_size(problem):
   results = [_attack(problem, CORRECT, batch_size=size) for size in (7, 16, 64)]
   first = results[0]
@@ -105,6 +107,7 @@ def test_deterministic_correction_does_not_depend_on_the_batch_size(problem):
     np.testing.assert_allclose(other.perturbation_norm, first.perturbation_norm, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eps_zero_keeps_inputs_so_robust_accuracy_is_clean_accuracy(problem):
   params, images, labels = problem
   result = driver.attack_split(PGD, linear_logits, params, images, labels, eps=0.0,
@@ -223,6 +226,8 @@ driver.attack_split(PGD, linear_logits, params, images, labels, eps=EPS, batch_s
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_one_and_four_devices_agree(problem, tmp_path):
   single = _attack(problem, save_adversarial=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -98,13 +98,8 @@ def _run(attack, logits_fn, params, x, labels, *, eps, norm, targeted=False, key
                      steps=steps, norm=norm, targeted=targeted, **kwargs)
 
 
-@settings(max_examples=15, deadline=None)
-@given(attack=st.sampled_from(["fgsm", "pgd", "apgd", "correct"]),
-       norm=st.sampled_from(norms.NORMS), batch=st.sampled_from([3, 5]),
-       eps=st.floats(0.0, 1.5), per_example=st.booleans(), targeted=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_adversarials_stay_in_the_ball_and_image_range(attack, norm, batch, eps, per_example,
-                                                        targeted, seed):
+def _check_ball_and_image_range(attack, norm, batch, eps, per_example, targeted, seed):
+  """Each adversarial is within eps of its input in `norm`, inside [0, 1], in the step budget."""
   keys = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.uniform(keys[0], (batch, 4, 4, 1))
   x = jnp.where(x < 0.2, 0.0, jnp.where(x > 0.8, 1.0, x))  # Pixels at both range limits.
@@ -122,6 +117,29 @@ def test_adversarials_stay_in_the_ball_and_image_range(attack, norm, batch, eps,
   assert np.all((0 <= np.asarray(result.steps_used)) & (result.steps_used <= steps))
 
 
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None)
+@given(attack=st.sampled_from(["fgsm", "pgd", "apgd", "correct"]),
+       norm=st.sampled_from(norms.NORMS), batch=st.sampled_from([3, 5]),
+       eps=st.floats(0.0, 1.5), per_example=st.booleans(), targeted=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_adversarials_stay_in_the_ball_and_image_range(attack, norm, batch, eps, per_example,
+                                                        targeted, seed):
+  _check_ball_and_image_range(attack, norm, batch, eps, per_example, targeted, seed)
+
+
+@pytest.mark.parametrize("attack, norm, eps, per_example, targeted", [
+    ("fgsm", "linf", 0.5, False, False),
+    ("pgd", "l2", 1.0, True, False),
+    ("apgd", "linf", 0.5, True, True),
+    ("correct", "l2", 1.0, False, False),
+])
+def test_each_attack_stays_in_the_ball_and_image_range(attack, norm, eps, per_example, targeted):
+  """One fixed case per attack, for the fast tier; the property test above explores the rest."""
+  _check_ball_and_image_range(attack, norm, 5, eps, per_example, targeted, seed=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", norms.NORMS)
 def test_fgsm_is_one_steepest_ascent_step_from_x(cnn, norm):
   eps = 0.1
@@ -143,6 +161,7 @@ def test_fgsm_is_one_steepest_ascent_step_from_x(cnn, norm):
   np.testing.assert_array_equal(result.success, cnn.predictions(expected) != cnn.labels)
 
 
+@pytest.mark.slow
 def test_targeted_attacks_and_correction_lower_the_target_loss(cnn):
   targets = (cnn.labels + 1) % 10
   clean = cnn.cross_entropy(cnn.x, targets)
@@ -167,6 +186,7 @@ def _check_steps_and_success(cnn, result, steps):
   assert np.all(result.steps_used[~np.asarray(result.success)] == steps)
 
 
+@pytest.mark.slow
 def test_pgd_early_stopping_freezes_successes_and_never_undoes_them(cnn):
   def run(steps, early_stop):
     return attacks.pgd(cnn.logits_fn, cnn.variables, cnn.x, cnn.labels, key=KEY, eps=0.1,
@@ -185,6 +205,7 @@ def test_pgd_early_stopping_freezes_successes_and_never_undoes_them(cnn):
   assert np.all(long.success[np.asarray(plain.success)])
 
 
+@pytest.mark.slow
 def test_apgd_early_stopping_only_saves_work(cnn):
   stopped, plain = (attacks.apgd_ce(cnn.logits_fn, cnn.variables, cnn.x, cnn.labels, key=KEY,
                                     eps=0.1, steps=20, early_stop=early_stop)
@@ -196,6 +217,7 @@ def test_apgd_early_stopping_only_saves_work(cnn):
   _check_steps_and_success(cnn, stopped, 20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["pgd", "apgd"])
 def test_restarts_keep_the_first_success_and_only_add_more(cnn, attack):
   once, thrice = (_run(attack, cnn.logits_fn, cnn.variables, cnn.x, cnn.labels, eps=0.08,
@@ -213,6 +235,7 @@ def test_restarts_keep_the_first_success_and_only_add_more(cnn, attack):
                 >= cnn.cross_entropy(once.adversarial, cnn.labels)[lost] - 1e-5)
 
 
+@pytest.mark.slow
 def test_per_example_eps_equals_separate_runs(cnn):
   eps = np.where(np.arange(len(cnn.x)) % 2 == 0, 0.05, 0.15).astype(np.float32)
   for attack in ("pgd", "apgd"):  # Per-example step sizes too: _run scales them with eps.
@@ -224,6 +247,7 @@ def test_per_example_eps_equals_separate_runs(cnn):
                                   jax.tree.map(lambda a: a[eps == value], alone))
 
 
+@pytest.mark.slow
 def test_robust_accuracy_curve_matches_separate_runs_and_falls_with_eps(cnn):
   grid = [0.0, 0.03, 0.06, 0.1, 0.2]
   kwargs = dict(key=KEY, step_size=0.01, steps=30)
@@ -236,6 +260,7 @@ def test_robust_accuracy_curve_matches_separate_runs_and_falls_with_eps(cnn):
   assert np.all(np.diff(curve) <= 0) and curve[-1] < 0.5 * curve[0]
 
 
+@pytest.mark.slow
 def test_same_key_repeats_and_different_keys_differ(cnn):
   first, again, other = (attacks.pgd(cnn.logits_fn, cnn.variables, cnn.x, cnn.labels, key=key,
                                      eps=0.1, step_size=0.02, steps=5)
@@ -245,6 +270,7 @@ def test_same_key_repeats_and_different_keys_differ(cnn):
   assert not np.array_equal(first.adversarial[moved], other.adversarial[moved])
 
 
+@pytest.mark.slow
 def test_apgd_is_at_least_as_strong_as_pgd(cnn):
   eps, steps = 0.1, 20
   pgd_result = attacks.pgd(cnn.logits_fn, cnn.variables, cnn.x, cnn.labels, key=KEY, eps=eps,
@@ -266,6 +292,7 @@ def test_apgd_checkpoints_follow_the_paper():
   np.testing.assert_array_equal(interval[is_checkpoint], np.diff([0, *ends]))
 
 
+@pytest.mark.slow
 def test_correction_fixes_mistakes_and_leaves_correct_inputs_bit_identical(cnn):
   right = cnn.predictions(cnn.x) == np.asarray(cnn.labels)
   assert 0 < (~right).sum()

@@ -41,6 +41,7 @@ def finished(tmp_path_factory):
   return workdir, benchmark_attack.run_benchmark_attack(_config(), workdir)
 
 
+@pytest.mark.slow
 def test_records_have_the_required_fields_and_consistent_numbers(finished):
   workdir, results = finished
   saved = json.loads((workdir / "results.json").read_text())
@@ -60,6 +61,7 @@ def test_records_have_the_required_fields_and_consistent_numbers(finished):
   assert "| small_cnn | 8 | 1 | adcorda |" in report
 
 
+@pytest.mark.slow
 def test_finished_benchmark_is_returned_not_remeasured(finished, monkeypatch):
   workdir, results = finished
   monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda: pytest.fail("re-measured"))
@@ -139,6 +141,8 @@ def test_attack_jit_works_at_top_level_and_nested():
   np.testing.assert_array_equal(jax.vmap(lambda v: f(v, power=2))(x), x ** 2)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_cpu_devices_splits_the_cpu(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)

@@ -18,6 +18,8 @@ def _main(*args: str) -> subprocess.CompletedProcess:
                         text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_runs_with_overrides(tmp_path):
   out = _main("--config", "configs/tiny.py", "--workdir", str(tmp_path),
               "--config.train.epochs=1", "--config.train.learning_rate=0.1")
@@ -28,6 +30,8 @@ def test_cli_runs_with_overrides(tmp_path):
   assert results["steps"] == 8  # 256 examples / batch 32.
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_bad_name_is_one_line_error(tmp_path):
   out = _main("--config", "configs/tiny.py", "--workdir", str(tmp_path),
               "--config.model.name=vgg")

@@ -47,6 +47,7 @@ def study(tmp_path_factory):
   return workdir, tasks.run_task(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_study_writes_the_grid_findings_report_and_plots(study):
   workdir, results = study
   saved = json.loads((workdir / "results.json").read_text())
@@ -71,6 +72,7 @@ def test_study_writes_the_grid_findings_report_and_plots(study):
         cell["shift"]["corruption_mean"] / cell["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_compression_really_shrinks_each_network(study):
   _, results = study
   for label, network in results["networks"].items():
@@ -99,6 +101,7 @@ def _count_compressions(monkeypatch) -> list[str]:
   return calls
 
 
+@pytest.mark.slow
 def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
   workdir, results = study
   copy = tmp_path / "study"
@@ -114,6 +117,7 @@ def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
     assert new["shift"]["corruption_mean"] == old["shift"]["corruption_mean"]
 
 
+@pytest.mark.slow
 def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, monkeypatch):
   workdir, results = study
   copy = tmp_path / "study"
@@ -134,6 +138,7 @@ def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, mo
     assert cell["relative_robustness_std"] == pytest.approx(np.std(relative, ddof=1))
 
 
+@pytest.mark.slow
 def test_a_new_method_joins_a_finished_study_without_other_edits(study, tmp_path, monkeypatch):
   workdir, results = study
   copy = tmp_path / "study"
@@ -170,6 +175,7 @@ def test_predictors_of_equal_networks_compile_once():
     compiled += new_programs
 
 
+@pytest.mark.slow
 def test_changed_cell_settings_are_refused_not_mixed(study, tmp_path):
   workdir, _ = study
   copy = tmp_path / "study"
@@ -269,6 +275,7 @@ def test_domains_are_scored_on_all_their_images_and_must_share_classes(tmp_path)
   assert "shift.domains.two_classes: 2 classes" in one_line(error)
 
 
+@pytest.mark.slow
 def test_gradual_magnitude_pruning_reaches_its_sparsity(tmp_path):
   config = tiny_config(**{"study.networks": ("small_cnn:0.5",),
                           "study.methods": "magnitude_pruning",

@@ -52,8 +52,15 @@ def run(name: str, images: np.ndarray, severity: int, key=KEY) -> np.ndarray:
   return np.asarray(corrupt(key, images, name, severity))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[1:])))
-@pytest.mark.parametrize("severity", SEVERITIES)
+def _slow_but(values, fast):
+  """`values` as parameters, each marked slow except `fast` (the fast tier's one case)."""
+  return [pytest.param(v, marks=() if v == fast else pytest.mark.slow) for v in values]
+
+
+# The fast tier checks every corruption once (severity 3, colour); the full suite all of them.
+@pytest.mark.parametrize("shape", _slow_but(SHAPES, COLOR),
+                         ids=lambda s: "x".join(map(str, s[1:])))
+@pytest.mark.parametrize("severity", _slow_but(SEVERITIES, 3))
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_output_contract(name, severity, shape):
   images = random_images(shape)
@@ -62,6 +69,7 @@ def test_output_contract(name, severity, shape):
   assert np.all(np.isfinite(out)) and out.min() >= 0.0 and out.max() <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["defocus_blur", "zoom_blur", "jpeg_compression",
                                   "elastic_transform", "gaussian_noise"])
 def test_large_images(name):
@@ -82,6 +90,7 @@ def test_blur_width_scales_with_image_size():
     assert spread == pytest.approx(sigma, rel=0.02)
 
 
+@pytest.mark.slow
 def test_raw_functions_jit_with_static_severity():
   images = random_images(COLOR)
   for name, fn in CORRUPTIONS.items():
@@ -99,6 +108,7 @@ def test_same_key_same_output_and_different_key_differs():
     assert np.array_equal(first, other) == (name not in NOISE_CORRUPTIONS), name
 
 
+@pytest.mark.slow
 def test_examples_get_different_noise_and_typed_keys_work():
   images = np.repeat(random_images((1, 32, 32, 3)), 4, axis=0)
   for name in sorted(NOISE_CORRUPTIONS):
@@ -114,6 +124,7 @@ def test_examples_get_different_noise_and_typed_keys_work():
 MONOTONE = [n for n in CORRUPTIONS if n not in ("saturate", "elastic_transform")]
 
 
+@pytest.mark.slow
 def test_severity_is_monotone_in_effect():
   """Mean |corrupted - clean| does not drop with severity (saturate first desaturates then
   oversaturates, and CIFAR-10-C's elastic constants shrink the affine jitter with severity)."""
@@ -150,6 +161,7 @@ def test_pixelate_of_block_image_at_matching_factor_is_identity():
                 - random_images((2, 8, 8, 3))).mean() > 0.1
 
 
+@pytest.mark.slow
 def test_jpeg_error_grows_as_quality_drops():
   images = natural_images()
   errors = [np.abs(np.asarray(jpeg_roundtrip(images, q)) - images).mean() for q in (100, 80, 40)]
@@ -229,6 +241,7 @@ def test_blurs_match_scipy_references():
     np.testing.assert_allclose(run("defocus_blur", images, severity), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pixelate_and_jpeg_match_pil():
   pixels = np.random.default_rng(1).integers(0, 256, COLOR).astype(np.uint8)
   images = pixels.astype(np.float32) / 255
@@ -272,6 +285,7 @@ def test_elastic_transform_matches_scipy_reference():
     np.testing.assert_allclose(out[i], np.clip(expected, 0, 1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_corrupt_dataset_is_independent_of_batch_size():
   images = random_images((10, 8, 8, 1))
   whole = run("gaussian_noise", images, 2)

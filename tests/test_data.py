@@ -157,6 +157,7 @@ def _padded_crops(image: np.ndarray, padding: int) -> list[np.ndarray]:
   return crops + [crop[:, ::-1] for crop in crops]
 
 
+@pytest.mark.slow
 def test_augment_keeps_shape_dtype_and_is_deterministic_per_key():
   images = _distinct_images(8)
   augment = jax.jit(random_crop_flip, static_argnums=2)

@@ -132,6 +132,7 @@ def test_missing_fashion_mnist_mentions_the_debian_package(tmp_path, monkeypatch
   assert "ADCORDA_FASHION_MNIST_DIR" in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} not installed "
                     "(apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_from_debian_package(monkeypatch):

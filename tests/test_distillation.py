@@ -56,6 +56,7 @@ def test_loss_matches_numpy(alpha, temperature):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_temperature_squared_keeps_gradient_scale():
   student, teacher, labels = _logits(2, 0.5), _logits(3, 0.5), np.zeros(6, np.int32)
   for temperature in (1.0, 4.0):
@@ -167,6 +168,7 @@ def finished(distiller, digits, tmp_path_factory):
   return directory, _run(distiller, digits, directory)
 
 
+@pytest.mark.slow
 def test_run_lowers_loss_and_raises_agreement(finished, distiller, digits, teacher):
   directory, result = finished
   log = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -191,6 +193,7 @@ class _Stop(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_parameters(finished, distiller, digits, tmp_path):
   _, uninterrupted = finished
 
@@ -209,6 +212,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(finished, distiller, dig
   chex.assert_trees_all_equal(again.variables, uninterrupted.variables)
 
 
+@pytest.mark.slow
 def test_logit_only_distillation_runs(digits, teacher, tmp_path):
   """beta=0: no projection, no teacher features; the student still moves and checkpoints."""
   teacher_model, teacher_variables = teacher

@@ -64,6 +64,7 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
   assert one_line(error) == f"workdir {str(blocker)!r} is a file, not a directory"
 
 
+@pytest.mark.slow
 def test_diverged_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny.get_config()
   config.train.learning_rate = 1e12
@@ -93,6 +94,7 @@ def test_missing_checkpoint_path(tmp_path):
   assert "no checkpoint" in one_line(error)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_not_crashed(tmp_path):
   config = tiny.get_config()
   trainer.train_and_evaluate(config, tmp_path)
@@ -105,6 +107,7 @@ def test_corrupt_checkpoint_is_reported_not_crashed(tmp_path):
   assert "corrupt" in one_line(error) and "16" in str(error.value)
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_overwritten_by_another_config(tmp_path):
   trainer.train_and_evaluate(tiny.get_config(), tmp_path)
   before = (tmp_path / "results.json").read_text()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -56,11 +55,11 @@ def _user_lines(stderr: str) -> list[str]:
           if line.strip() and not (line[:1] in "IWE" and line[1:5].isdigit())]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, dict]:
-  """One finished tiny training run (read-only for the tests that use it)."""
-  workdir = tmp_path_factory.mktemp("trained")
-  return workdir, trainer.train_and_evaluate(tiny.get_config(), workdir)
+@pytest.fixture
+def trained(tiny_baseline) -> tuple[Path, dict]:
+  """The session's finished tiny training run (tests/conftest.py): read-only; tests that write
+  into a run take `tiny_baseline.copy_to(...)`."""
+  return tiny_baseline.workdir, tiny_baseline.results
 
 
 # --- 1. Image modes. ---------------------------------------------------------------------------
@@ -140,6 +139,7 @@ def test_unreadable_image_is_one_line_naming_the_file(tmp_path):
 
 # --- 2. Claiming a workdir only when work starts. -------------------------------------------------
 
+@pytest.mark.slow
 def test_failed_validation_does_not_claim_the_workdir(tmp_path):
   bad = tiny.get_config()
   bad.train.learning_rate = -0.1
@@ -151,6 +151,7 @@ def test_failed_validation_does_not_claim_the_workdir(tmp_path):
   assert tasks.run_task(good, tmp_path)["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_robustness_with_a_bad_checkpoint_then_the_right_one(trained, tmp_path):
   from configs import robustness
   config = robustness.get_config()
@@ -165,6 +166,7 @@ def test_robustness_with_a_bad_checkpoint_then_the_right_one(trained, tmp_path):
   assert tasks.run_task(config, tmp_path)["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_a_claim_without_work_is_reclaimed_but_work_is_protected(tmp_path):
   other = tiny.get_config()
   other.train.learning_rate = 0.3
@@ -177,6 +179,7 @@ def test_a_claim_without_work_is_reclaimed_but_work_is_protected(tmp_path):
 
 # --- 3. Lock and permissions. -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_workdir_is_refused_naming_the_pid(tmp_path):
   with pipeline_run.locked(workdir_lib.prepare(tmp_path)):
     with pytest.raises(CheckpointError) as error:
@@ -186,6 +189,8 @@ def test_second_run_on_a_locked_workdir_is_refused_naming_the_pid(tmp_path):
   assert tasks.run_task(tiny.get_config(), tmp_path)["status"] == "complete"  # Released.
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; from pathlib import Path; "
@@ -204,6 +209,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_artifacts_honour_the_umask(tmp_path):
   previous = os.umask(0o027)
   try:
@@ -216,6 +222,8 @@ def test_artifacts_honour_the_umask(tmp_path):
 
 # --- 4. Interrupts. -----------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("plan, signum, extra", [
     ("train_step@5=sigterm", signal.SIGTERM, ()),
     # Delivered while checkpoint 2 is being written: the write finishes first.
@@ -242,6 +250,8 @@ def test_signal_saves_once_prints_one_line_and_resumes_exactly(trained, tmp_path
     assert resumed[key] == trained[1][key], key
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_in_an_attack_run_keeps_finished_batches(trained, tmp_path):
   args = ("--config", "configs/robustness.py", "--workdir", str(tmp_path),
           f"--config.robustness.checkpoint={trained[0]}", "--config.robustness.attacks=pgd",
@@ -257,6 +267,8 @@ def test_sigterm_in_an_attack_run_keeps_finished_batches(trained, tmp_path):
   assert record["resumed_batches"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kill_9_mid_training_resumes_bitwise(trained, tmp_path):
   args = ("--config", "configs/tiny.py", "--workdir", str(tmp_path))
   assert _main(*args, faults_plan="train_step@6=crash").returncode == 137
@@ -297,6 +309,7 @@ def _run_loop(directory: Path, total: int = 12):
                                  what="fine-tuning")
 
 
+@pytest.mark.slow
 def test_shared_loop_saves_on_sigterm_for_fine_tuning_and_distillation(tmp_path, monkeypatch):
   reference = _run_loop(tmp_path / "reference").state
   monkeypatch.setenv(faults.ENV, "train_step@6=sigterm")
@@ -313,15 +326,17 @@ def test_shared_loop_saves_on_sigterm_for_fine_tuning_and_distillation(tmp_path,
 
 # --- 5. Corrupt latest checkpoint. --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_step_of_a_run_passes_its_integrity_record(trained):
   steps = sorted((trained[0] / "checkpoints").iterdir())
   assert steps and all(checkpointing.integrity_problem(step) is None for step in steps
                        if step.name.isdigit())
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_path, caplog):
-  workdir = tmp_path / "run"
-  shutil.copytree(trained[0], workdir)
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tiny_baseline, tmp_path,
+                                                              caplog):
+  workdir = tiny_baseline.copy_to(tmp_path / "run")
   (workdir / "results.json").unlink()
   data_file = next(p for p in (workdir / "checkpoints" / "16" / "state").rglob("*")
                    if p.is_file() and p.parent.name == "d")
@@ -336,9 +351,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(trained, tmp_pat
   assert any("Skipped checkpoint step 16" in r.getMessage() for r in caplog.records)
 
 
-def test_unreadable_integrity_record_counts_as_damage(trained, tmp_path):
-  step = tmp_path / "16"
-  shutil.copytree(trained[0] / "checkpoints" / "16", step)
+@pytest.mark.slow
+def test_unreadable_integrity_record_counts_as_damage(tiny_baseline, tmp_path):
+  step = tiny_baseline.copy_to(tmp_path / "run") / "checkpoints" / "16"
   assert checkpointing.integrity_problem(step) is None
   (step / checkpointing.INTEGRITY_FILE).write_text("{truncated")
   assert "unreadable" in checkpointing.integrity_problem(step)
@@ -346,6 +361,7 @@ def test_unreadable_integrity_record_counts_as_damage(trained, tmp_path):
 
 # --- 6. Disk full. ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, monkeypatch):
   monkeypatch.setenv(faults.ENV, "checkpoint_write@2=enospc")
   with pytest.raises(CheckpointError) as error:
@@ -358,6 +374,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last(tmp_path, 
   assert trainer.train_and_evaluate(tiny.get_config(), tmp_path)["resumed_from_step"] == 4
 
 
+@pytest.mark.slow
 def test_too_little_space_is_refused_before_orbax_writes(tmp_path, monkeypatch):
   real = checkpointing.shutil.disk_usage
   monkeypatch.setattr(checkpointing.shutil, "disk_usage",
@@ -375,6 +392,8 @@ def test_disk_full_writing_an_artifact_names_it(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []  # No temporary file left behind.
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_disk_full_is_one_line(tmp_path):
   out = _main("--config", "configs/tiny.py", "--workdir", str(tmp_path),
               faults_plan="checkpoint_write@1=enospc")
@@ -385,6 +404,8 @@ def test_cli_disk_full_is_one_line(tmp_path):
 
 # --- 7. One line instead of a traceback. ----------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, expected", [
     (("--config", "configs/nonexistent.py"),
      "error: --config configs/nonexistent.py: no such file"),
@@ -398,6 +419,8 @@ def test_cli_flag_errors_are_one_line(tmp_path, args, expected):
   assert _user_lines(out.stderr) == [expected]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_config_file_with_a_syntax_error_is_one_line(tmp_path):
   broken = tmp_path / "broken.py"
   broken.write_text("def get_config(:\n")
@@ -407,6 +430,7 @@ def test_cli_config_file_with_a_syntax_error_is_one_line(tmp_path):
   assert len(lines) == 1 and lines[0].startswith(f"error: --config {broken}: "), lines
 
 
+@pytest.mark.slow
 def test_baseline_checkpoint_that_is_a_file(trained, tmp_path):
   from configs import adcorda_digits
   config = adcorda_digits.get_config()
@@ -418,6 +442,7 @@ def test_baseline_checkpoint_that_is_a_file(trained, tmp_path):
 
 # --- 8. baseline_checkpoint and config.data. ------------------------------------------------------
 
+@pytest.mark.slow
 def test_baseline_checkpoint_refuses_config_data_that_disagrees(trained, tmp_path):
   from configs import adcorda_digits
   config = adcorda_digits.get_config()
@@ -433,6 +458,7 @@ def test_baseline_checkpoint_refuses_config_data_that_disagrees(trained, tmp_pat
 
 # --- 9. Smaller ones. ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_divergence_names_the_first_non_finite_step(tmp_path):
   config = tiny.get_config()
   config.train.learning_rate = 1e6
@@ -465,8 +491,10 @@ def test_tfds_without_network_fails_fast_with_a_hint(tmp_path, monkeypatch):
   assert "no network" in one_line(error) and "data.tfds_download=False" in str(error.value)
 
 
-def test_finished_run_with_a_cadence_change_keeps_config_matching_results(trained):
-  workdir, results = trained
+@pytest.mark.slow
+def test_finished_run_with_a_cadence_change_keeps_config_matching_results(trained, tiny_baseline,
+                                                                        tmp_path):
+  workdir, results = tiny_baseline.copy_to(tmp_path / "run"), trained[1]  # run_task locks it.
   config = tiny.get_config()
   config.train.log_every_steps = 3  # A resumable key: the finished run is returned as it is.
   assert tasks.run_task(config, workdir) == json.loads(json.dumps(results))
@@ -474,15 +502,16 @@ def test_finished_run_with_a_cadence_change_keeps_config_matching_results(traine
   assert saved == json.loads((workdir / "results.json").read_text())["config"]
 
 
+@pytest.mark.slow
 def test_loaded_checkpoint_logs_its_step(trained, caplog):
   caplog.set_level("INFO")
   checkpointing.load_checkpoint(trained[0])
   assert any("(step 16)" in r.getMessage() for r in caplog.records)
 
 
-def test_raising_train_epochs_continues_a_finished_run(trained, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(trained[0], workdir)
+@pytest.mark.slow
+def test_raising_train_epochs_continues_a_finished_run(tiny_baseline, tmp_path):
+  workdir = tiny_baseline.copy_to(tmp_path / "run")
   longer = tiny.get_config()
   longer.train.epochs = 3
   calls = []

@@ -50,9 +50,9 @@ FORWARD_CASES = [
     ("small_cnn", 8, 1, 128),
     ("small_cnn", 28, 1, 128),
     ("small_cnn", 32, 3, 128),
-    ("resnet20", 32, 3, 64),
-    ("resnet20", 28, 1, 64),
-    ("resnet18", 64, 3, 512),
+    pytest.param("resnet20", 32, 3, 64, marks=pytest.mark.slow),
+    pytest.param("resnet20", 28, 1, 64, marks=pytest.mark.slow),
+    pytest.param("resnet18", 64, 3, 512, marks=pytest.mark.slow),
 ]
 
 
@@ -152,7 +152,8 @@ def test_count_params_matches_on_arrays_and_shapes():
   assert count_params({}) == 0
 
 
-@pytest.mark.parametrize("name,channels", [("small_cnn", 1), ("resnet20", 3)])
+@pytest.mark.parametrize("name,channels", [("small_cnn", 1),
+                                           pytest.param("resnet20", 3, marks=pytest.mark.slow)])
 def test_normalization_happens_inside_the_model(name, channels):
   mean, std = [0.2, 0.5, 0.7][:channels], [0.3, 0.25, 0.4][:channels]
   config = ml_collections.ConfigDict({"name": name})
@@ -218,6 +219,7 @@ def test_defaults_and_resnet_accepts_dropout_setting():
   assert resnet.width == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,channels", [("small_cnn", 28, 1), ("resnet20", 32, 3)])
 def test_one_sgd_step_lowers_cross_entropy(name, size, channels):
   model = _model(name, channels)

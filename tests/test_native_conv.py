@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
@@ -47,6 +47,7 @@ def test_kernel_is_built_wherever_a_compiler_exists():
   assert kernel.path.exists() and kernel.path.parent == build._cache_dir()
 
 
+@pytest.mark.slow
 @needs_native
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 3), height=st.integers(1, 11), width=st.integers(1, 30),
@@ -56,8 +57,7 @@ def test_kernel_is_built_wherever_a_compiler_exists():
 def test_native_conv_equals_xla(batch, height, width, channels, out_channels, kh, kw, stride,
                                 pads, seed):
   padding = ((pads[0], pads[1]), (pads[2], pads[3]))
-  if height + pads[0] + pads[1] < kh or width + pads[2] + pads[3] < kw:
-    return
+  assume(height + pads[0] + pads[1] >= kh and width + pads[2] + pads[3] >= kw)  # Kernel fits.
   keys = jax.random.split(jax.random.key(seed), 2)
   x = jax.random.normal(keys[0], (batch, height, width, channels))
   kernel = jax.random.normal(keys[1], (kh, kw, channels, out_channels))
@@ -67,6 +67,7 @@ def test_native_conv_equals_xla(batch, height, width, channels, out_channels, kh
   np.testing.assert_allclose(got, expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @needs_native
 @pytest.mark.parametrize("height,channels,out_channels,kernel_size,stride", [
     (32, 3, 16, 3, 1),   # ResNet-20 stem
@@ -87,6 +88,7 @@ def test_model_layer_shapes_equal_xla(height, channels, out_channels, kernel_siz
                              rtol=2e-4)
 
 
+@pytest.mark.slow
 @needs_native
 def test_negative_padding_crops_on_both_paths():
   # Input gradients of layers padded beyond kernel-1 need negative padding; XLA:CPU gets those
@@ -101,6 +103,7 @@ def test_negative_padding_crops_on_both_paths():
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"native={native}")
 
 
+@pytest.mark.slow
 @needs_native
 def test_vmap_folds_inputs_and_falls_back_for_batched_kernels():
   keys = jax.random.split(jax.random.key(1), 3)
@@ -119,6 +122,7 @@ def test_vmap_folds_inputs_and_falls_back_for_batched_kernels():
   assert text.count(build.TARGET) == 1 and "while" not in text
 
 
+@pytest.mark.slow
 @needs_native
 def test_gradients_through_the_native_path_equal_autodiff():
   keys = jax.random.split(jax.random.key(2), 3)
@@ -153,6 +157,8 @@ np.save(sys.argv[1], np.asarray(y))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @needs_native
 def test_sharded_batch_is_convolved_per_device(tmp_path):
   x = jax.random.normal(jax.random.key(0), (8, 10, 10, 16))
@@ -181,6 +187,7 @@ def test_disabled_by_environment(fresh_build, monkeypatch):
   assert not fresh_build.exists()
 
 
+@pytest.mark.slow
 def test_failing_compiler_falls_back_to_xla(fresh_build, monkeypatch, caplog):
   monkeypatch.setenv(build.COMPILER_ENV, "false")  # A "compiler" that always fails.
   with caplog.at_level(std_logging.WARNING):
@@ -194,6 +201,7 @@ def test_failing_compiler_falls_back_to_xla(fresh_build, monkeypatch, caplog):
                              _reference(x, kernel, (1, 1), ((1, 1), (1, 1))), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cached_library_is_reused_not_rebuilt(fresh_build, monkeypatch):
   if build._compiler() is None:
     pytest.skip("no C++ compiler on this machine")
@@ -207,6 +215,7 @@ def test_cached_library_is_reused_not_rebuilt(fresh_build, monkeypatch):
   assert first.path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 instruction sets")
 @pytest.mark.parametrize("march,lanes", [("x86-64-v3", 8), ("x86-64", 4)])
 def test_avx2_and_portable_builds_equal_xla(fresh_build, monkeypatch, march, lanes):

@@ -116,6 +116,7 @@ def test_bad_channels_are_one_line_config_errors(channels, expected):
 # L1 filter pruning.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,ratio,expected", [
     ("small_cnn", 0.5, (8, 8, 16, 16)),
     ("small_cnn", (0.25, 0.5, 0.3, 0.0), (12, 8, 23, 32)),  # floor(0.3 * 32) = 9 removed.
@@ -141,6 +142,7 @@ def test_filter_pruning_shrinks_channels_parameters_and_flops(name, ratio, expec
       flops_per_example(model, variables, image_shape)
 
 
+@pytest.mark.slow
 def test_resnet_block_outputs_and_shortcuts_keep_their_width():
   config, _, variables, _ = _setup("resnet20")
   _, new_variables = l1_filter_prune(config, variables, 0.5)
@@ -151,6 +153,7 @@ def test_resnet_block_outputs_and_shortcuts_keep_their_width():
   assert params["stage2_block0"]["conv2"]["kernel"].shape == (3, 3, 8, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["small_cnn", "resnet20"])
 def test_pruned_model_equals_original_with_pruned_channels_zeroed(name):
   """Before fine-tuning, the narrow network computes exactly the masked original (eval mode)."""
@@ -224,6 +227,7 @@ def _kernel_arrays(tree) -> dict[str, np.ndarray]:
   return {path: flat[path] for path in report if path != "total"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparsity", [0.3, 0.75])
 def test_global_masks_prune_the_smallest_magnitudes_over_all_layers(sparsity):
   params = _setup("small_cnn")[2]["params"]
@@ -247,6 +251,7 @@ def test_global_masks_prune_the_smallest_magnitudes_over_all_layers(sparsity):
   assert report["total"]["zeros"] == pruned and report["total"]["size"] == total
 
 
+@pytest.mark.slow
 def test_layer_masks_prune_every_kernel_to_the_sparsity():
   params = _setup("resnet20")[2]["params"]
   masks = magnitude_masks(params, 0.6, scope="layer")
@@ -295,6 +300,7 @@ def _fixed_masks(scope: str):
   return magnitude_masks(params, 0.5, scope)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,scope", [("masked", "global"), ("pruning", "layer")])
 def test_one_shot_masks_hold_through_momentum_training_steps(optimizer, scope):
   sgd = optax.sgd(0.05, momentum=0.9)
@@ -317,6 +323,7 @@ def test_one_shot_masks_hold_through_momentum_training_steps(optimizer, scope):
   assert sparsity_report(history[-1])["total"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_gradual_pruning_follows_the_schedule_and_never_regrows():
   schedule = dict(final_sparsity=0.8, begin_step=1, end_step=5)
   tx = pruning_optimizer(optax.sgd(0.05, momentum=0.9), update_every=2, **schedule)

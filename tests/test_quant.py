@@ -58,6 +58,7 @@ def _kernel_like(seed: int, shape=(3, 3, 2, 4)) -> jax.Array:
 
 # --- fake quantization ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(2, 8), symmetric=st.booleans(), per_channel=st.booleans(),
        seed=st.integers(0, 2**16), log_magnitude=st.floats(-3.0, 3.0))
@@ -169,6 +170,7 @@ def _mse(x: jax.Array, spec: QuantSpec, method: str) -> jax.Array:
   return jnp.mean(jnp.square(quantize_dequantize(x, spec, grid) - x), axis=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_calibration_beats_minmax_on_heavy_tails(symmetric):
   x = jax.random.t(jax.random.key(5), 3.0, (512, 16))  # Student-t, 3 degrees of freedom.
@@ -178,6 +180,7 @@ def test_mse_calibration_beats_minmax_on_heavy_tails(symmetric):
   assert float(mse_error.sum()) < 0.85 * float(minmax_error.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_percentile_calibration_clips_outliers(symmetric):
   x = _heavy_tailed().reshape(-1)[:, None]  # One channel of 1024 values, 16 outliers.
@@ -190,6 +193,7 @@ def test_percentile_calibration_clips_outliers(symmetric):
   assert float(jnp.max(jnp.abs(restored))) < 10.0 < float(jnp.max(jnp.abs(x)))
 
 
+@pytest.mark.slow
 def test_calibrate_weights_covers_kernels_only():
   _, variables, _ = _setup()
   spec = QuantSpec(4, True, True)
@@ -202,6 +206,7 @@ def test_calibrate_weights_covers_kernels_only():
     assert float(jnp.abs(zero_point).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_activation_calibration_records_every_conv_and_dense_input():
   model, variables, images = _setup()
   spec = QuantSpec(8, False, False)
@@ -224,6 +229,7 @@ def test_activation_calibration_records_every_conv_and_dense_input():
 
 # --- quantized models ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fold_batch_norm_leaves_outputs_unchanged():
   for name in ("small_cnn", "resnet20"):
     model, variables, images = _setup(name)
@@ -244,6 +250,7 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_quantized_apply_trains_and_gradients_reach_float_params(calibrated):
   model, variables, images = _setup()
@@ -275,6 +282,7 @@ def test_quantized_apply_trains_and_gradients_reach_float_params(calibrated):
     np.testing.assert_allclose(eval_logits, model.apply(quantized, images), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bpda_gradient_is_the_float_models():
   model, variables, images = _setup()
   spec = QuantSpec(2, True, True)
@@ -300,6 +308,7 @@ def test_bpda_gradient_is_the_float_models():
 
 # --- integer export ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,per_channel,symmetric,dtype", [
     (8, True, True, np.int8), (8, False, False, np.uint8), (6, True, True, np.int8),
     (4, True, True, np.uint8), (4, False, False, np.uint8), (2, True, False, np.uint8),
@@ -384,6 +393,7 @@ def test_bad_quant_config_is_a_one_line_error(fields, key):
   assert key in one_line(error)
 
 
+@pytest.mark.slow
 def test_unknown_calibration_method_is_a_one_line_error():
   _, variables, images = _setup()
   spec = QuantSpec(8, True, True)

@@ -15,7 +15,7 @@ from adcorda_jax.data import load_dataset
 from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.reporting import robustness_report
 from adcorda_jax.tasks import robustness
-from adcorda_jax.training import checkpointing, trainer
+from adcorda_jax.training import checkpointing
 from configs import robustness as robustness_config, tiny
 from tests.helpers import one_line
 
@@ -24,11 +24,9 @@ EPS = (0.0, 8 / 255, 0.15)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-  """A tiny small_cnn trained for 2 epochs on 256 digits (its workdir)."""
-  workdir = tmp_path_factory.mktemp("train")
-  trainer.train_and_evaluate(tiny.get_config(), workdir)
-  return workdir
+def checkpoint(tiny_baseline) -> Path:
+  """A tiny small_cnn trained for 2 epochs on 256 digits (the session's read-only workdir)."""
+  return tiny_baseline.workdir
 
 
 def _config(checkpoint, /, **overrides):
@@ -50,6 +48,7 @@ def finished(checkpoint, tmp_path_factory):
   return workdir, robustness.run_robustness(_config(checkpoint), workdir)
 
 
+@pytest.mark.slow
 def test_run_reports_clean_and_robust_accuracy_with_artifacts(checkpoint, finished):
   workdir, results = finished
   for name in ("results.json", "report.md", "robustness.png", "config.json"):
@@ -84,6 +83,7 @@ def test_run_reports_clean_and_robust_accuracy_with_artifacts(checkpoint, finish
   assert arrays["success"].shape == (80,) and "adversarial" not in arrays.files
 
 
+@pytest.mark.slow
 def test_rerun_returns_the_saved_results_without_attacking(checkpoint, finished):
   workdir, results = finished
   calls = []
@@ -95,6 +95,7 @@ class _Stop(Exception):
   """Raised from the batch callback to simulate a killed run."""
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_at_the_first_unfinished_batch(checkpoint, finished, tmp_path):
   config = _config(checkpoint, attacks="pgd", eps=(0.15,))
 
@@ -131,6 +132,8 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
   assert "does not exist" in one_line(error)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_runs_from_a_step_folder(checkpoint, tmp_path):
   step_dir = max((checkpoint / "checkpoints").iterdir(), key=lambda p: int(p.name))
   out = subprocess.run(

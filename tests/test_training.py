@@ -69,6 +69,7 @@ def test_weight_decay_only_shrinks_kernels():
   np.testing.assert_array_equal(updates["dense"]["bias"], np.zeros(2))
 
 
+@pytest.mark.slow
 def test_train_step_lowers_loss_on_a_fixed_batch():
   config = tiny.get_config()
   model = create_model(config.model, 10, (0.5,), (0.25,))
@@ -87,6 +88,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
   assert int(state.step) == 21
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_artifacts_and_is_not_retrained(tmp_path):
   config = tiny.get_config()
   results = trainer.train_and_evaluate(config, tmp_path)
@@ -105,6 +107,7 @@ def test_end_to_end_run_writes_artifacts_and_is_not_retrained(tmp_path):
   assert calls == [] and again["test_accuracy"] == results["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_by_path_without_the_runs_config(tmp_path):
   results = trainer.train_and_evaluate(tiny.get_config(), tmp_path / "run")
   variables, meta = checkpointing.load_checkpoint(tmp_path / "run" / "checkpoints" / "16")
@@ -122,6 +125,7 @@ def _params(workdir: Path):
   return variables
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   config = tiny.get_config()  # 16 steps, checkpoint every 4.
   uninterrupted = trainer.train_and_evaluate(config, tmp_path / "full")
@@ -162,6 +166,8 @@ print("RESULT:", json.dumps({"test_accuracy": results["test_accuracy"], "devices
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_one_and_four_devices_agree(tmp_path):
   single = trainer.train_and_evaluate(tiny.get_config(), tmp_path / "one")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
