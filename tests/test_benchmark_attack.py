@@ -69,6 +69,7 @@ def test_finished_benchmark_is_returned_not_remeasured(finished, monkeypatch):
   assert again["records"] == results["records"]
 
 
+@pytest.mark.slow
 def test_a_release_0_1_0_benchmark_workdir_resumes_into_the_new_results(finished, tmp_path,
                                                                       monkeypatch):
   """0.1.0 kept results.json a bare list and completion in benchmark_state.json."""

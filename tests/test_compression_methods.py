@@ -89,6 +89,7 @@ def test_cell_fingerprints_are_unchanged_byte_for_byte(scope, schedule):
     assert json.dumps(new) == json.dumps(_recorded_fingerprint(config, cell, scope, schedule))
 
 
+@pytest.mark.slow
 def test_a_registered_method_runs_through_the_grid_and_the_compressor(tmp_path):
   config = override(compression_digits.get_config(), **{
       "study.networks": ("small_cnn:0.5",), "study.methods": "noise_pruning,ptq",

@@ -160,6 +160,7 @@ def test_a_new_method_joins_a_finished_study_without_other_edits(study, tmp_path
   assert rerun["findings"][2]["held"] is None and "pruning 0." in rerun["findings"][2]["evidence"]
 
 
+@pytest.mark.slow
 def test_predictors_of_equal_networks_compile_once():
   """Each seed's and cell's network is a new module: equal ones share one compiled predictor."""
   mesh = sharding.make_mesh()
