@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import flax.linen as nn
 import ml_collections
 
-from adcorda_jax.training.finetune import without_alignment
-from adcorda_jax.pipeline.fingerprint import config_keys
 from adcorda_jax.errors import ConfigError
+from adcorda_jax.pipeline.fingerprint import config_keys
 from adcorda_jax.registry import Registry
+from adcorda_jax.training.finetune import without_alignment
 
 if TYPE_CHECKING:
   from adcorda_jax.study.compress import Compressor
