@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 from adcorda_jax.attacks import AttackSpec, attack_model, attack_split
 from adcorda_jax.data import load_dataset
-from adcorda_jax.tasks.robustness import training_data
+from adcorda_jax.training.provenance import training_data
 from adcorda_jax.training import checkpointing, sharding
 
 flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ or a step folder).")
