@@ -47,7 +47,7 @@ class LoopSettings:
   def of(cls, settings: Any, total_steps: int, steps_per_epoch: int, divergence_hint: str
          ) -> "LoopSettings":
     """From a validated config section with `log_every_steps`, `checkpoint_every_steps` and
-    `max_checkpoints` (AdaptSettings, DistillSettings)."""
+    `max_checkpoints` (FinetuneSettings, DistillSettings)."""
     return cls(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                log_every_steps=settings.log_every_steps,
                checkpoint_every_steps=settings.checkpoint_every_steps,
