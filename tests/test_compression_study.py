@@ -88,6 +88,14 @@ def test_compression_really_shrinks_each_network(study):
   assert results["networks"]["large"]["params"] > results["networks"]["small"]["params"]
 
 
+def _unfinished_copy(workdir, tmp_path):
+  """A copy of the finished study `workdir` without its results: rerunning it resumes."""
+  copy = tmp_path / "study"
+  shutil.copytree(workdir, copy)
+  (copy / "results.json").unlink()
+  return copy
+
+
 def _count_compressions(monkeypatch) -> list[str]:
   """Records the path of every cell the study compresses (i.e. does not load from cache)."""
   calls = []
@@ -104,9 +112,7 @@ def _count_compressions(monkeypatch) -> list[str]:
 @pytest.mark.slow
 def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
   workdir, results = study
-  copy = tmp_path / "study"
-  shutil.copytree(workdir, copy)
-  (copy / "results.json").unlink()
+  copy = _unfinished_copy(workdir, tmp_path)
   # Drop one cell's result: only that cell may be compressed again.
   shutil.rmtree(copy / "cells" / "small" / "ptq_w8")
   calls = _count_compressions(monkeypatch)
@@ -120,9 +126,7 @@ def test_a_finished_cell_is_never_recomputed(study, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, monkeypatch):
   workdir, results = study
-  copy = tmp_path / "study"
-  shutil.copytree(workdir, copy)
-  (copy / "results.json").unlink()
+  copy = _unfinished_copy(workdir, tmp_path)
   calls = _count_compressions(monkeypatch)
   rerun = tasks.run_task(tiny_config(**{"study.methods": "magnitude_pruning",
                                         "study.seeds": (0, 1)}), copy)
@@ -141,9 +145,7 @@ def test_more_seeds_reuse_the_finished_ones_and_are_averaged(study, tmp_path, mo
 @pytest.mark.slow
 def test_a_new_method_joins_a_finished_study_without_other_edits(study, tmp_path, monkeypatch):
   workdir, results = study
-  copy = tmp_path / "study"
-  shutil.copytree(workdir, copy)
-  (copy / "results.json").unlink()
+  copy = _unfinished_copy(workdir, tmp_path)
   calls = _count_compressions(monkeypatch)
   with registered_noise_pruning():
     rerun = tasks.run_task(tiny_config(**{
@@ -179,9 +181,7 @@ def test_predictors_of_equal_networks_compile_once():
 @pytest.mark.slow
 def test_changed_cell_settings_are_refused_not_mixed(study, tmp_path):
   workdir, _ = study
-  copy = tmp_path / "study"
-  shutil.copytree(workdir, copy)
-  (copy / "results.json").unlink()
+  copy = _unfinished_copy(workdir, tmp_path)
   with pytest.raises(CheckpointError) as error:
     tasks.run_task(tiny_config(**{"adapt.learning_rate": 0.02}), copy)
   assert "adapt.learning_rate" in one_line(error)

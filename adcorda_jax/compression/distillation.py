@@ -90,10 +90,7 @@ def read_distill_settings(config: ml_collections.ConfigDict) -> DistillSettings:
       alpha=config_checks.fraction(section, "alpha", PREFIX, default=0.9, allow_one=True),
       temperature=config_checks.positive_float(section, "temperature", PREFIX, default=4.0),
       beta=config_checks.positive_float(section, "beta", PREFIX, default=0.0, allow_zero=True),
-      log_every_steps=config_checks.positive_int(section, "log_every_steps", PREFIX, default=50),
-      checkpoint_every_steps=config_checks.positive_int(
-          section, "checkpoint_every_steps", PREFIX, default=0, allow_zero=True),
-      max_checkpoints=config_checks.positive_int(section, "max_checkpoints", PREFIX, default=2),
+      **resumable.read_cadence(section, PREFIX),
       optimizer=section)
 
 

@@ -48,11 +48,6 @@ FORMAT_VERSION = 2
 _CLAIM_FILES = frozenset({workdir_lib.CONFIG_FILE, RUN_FILE})
 
 
-def is_writer() -> bool:
-  """Only process 0 writes artifacts in a multi-host run."""
-  return workdir_lib.is_writer()
-
-
 @contextlib.contextmanager
 def locked(workdir: Path) -> Iterator[None]:
   """Holds an exclusive lock on `workdir` (released on any exit, `kill -9` included).
@@ -60,7 +55,7 @@ def locked(workdir: Path) -> Iterator[None]:
   A second run on the same workdir is refused with a one-line error naming the holder's PID.
   Only the writer process locks: the other processes of a multi-host run share its workdir.
   """
-  if not is_writer():
+  if not workdir_lib.is_writer():
     yield
     return
   path = workdir / LOCK_FILE
@@ -122,7 +117,7 @@ class Run:
 
     `results.json` last: present (status complete) means every other artifact is there.
     """
-    if is_writer():
+    if workdir_lib.is_writer():
       for plot in plots:
         plot()
       if report is not None:

@@ -131,14 +131,14 @@ def deployed_baseline(run: pipeline.Run, config: ml_collections.ConfigDict,
   predict = make_predictor(baseline.model.apply, settings.evaluation.batch_size, mesh)
   deployment = settings.deployment
   deployed = deployment.deploy(baseline.variables)
-  summary = deployment.summary(baseline.variables["params"])
-  if summary is not None:
+  deployment_keys = deployment.fingerprint()
+  if deployment_keys:  # Quantized.
     logging.info("Quantized AdCorDA: %s kernels (%s, %s calibration).", deployment.tag,
                  deployment.granularity.replace("_", " "), deployment.calibration)
   return DeployedBaseline(
       baseline=baseline, variables=deployed,
       prediction=predict(deployed, baseline.dataset.train.images),
-      fingerprint={**baseline.fingerprint, **deployment.fingerprint(), "seed": settings.seed},
+      fingerprint={**baseline.fingerprint, **deployment_keys, "seed": settings.seed},
       predict=predict, mesh=mesh)
 
 
@@ -171,8 +171,9 @@ def correct(run: pipeline.Run, config: ml_collections.ConfigDict, settings: Sett
       spec=options.spec, eps=options.eps, on_failure=options.on_failure,
       images=train.images, labels=train.labels)
   provenance["params_sha1"] = baseline.fingerprint["baseline.params_sha1"]
-  if settings.deployment.fingerprint():
-    provenance["quantization"] = settings.deployment.fingerprint()
+  deployment_keys = settings.deployment.fingerprint()
+  if deployment_keys:
+    provenance["quantization"] = deployment_keys
   stage = run.stage("correct", "correct", fingerprint, ALIGNMENT_KEYS)
   if (stage.directory / correction_set.SIDECAR_FILE).exists():
     logging.info("Corrected set in %s is finished; loading it.", stage.directory)

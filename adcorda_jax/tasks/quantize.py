@@ -22,6 +22,7 @@ Every variant is evaluated like AdCorDA's (clean train/val/test, robust test acc
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -227,7 +228,7 @@ class _Cells:
   evaluate_keys: dict[str, Any]
   variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-  @property
+  @functools.cached_property
   def float_bytes(self) -> int:
     return export.model_size_bytes(self.baseline.variables["params"])
 
@@ -279,7 +280,7 @@ class _Cells:
     variables, model, dataset = baseline.variables, baseline.model, baseline.dataset
     params, test = variables["params"], dataset.test
     steps_per_epoch = batches.steps_per_epoch(len(dataset.train), adapt.batch_size)
-    granularity = "per_channel" if settings.template.spec.per_channel else "per_tensor"
+    granularity = settings.template.granularity
     for bits in settings.qat_bits:
       quant = settings.template.with_spec(dataclasses.replace(settings.template.spec, bits=bits))
       runner = finetune.Finetuner(

@@ -91,10 +91,7 @@ def read_finetune_settings(config: ml_collections.ConfigDict) -> FinetuneSetting
       trainable=pattern,
       batch_norm=config_checks.one_of(section, "batch_norm", PREFIX, BATCH_NORM_MODES,
                                       default="train"),
-      log_every_steps=config_checks.positive_int(section, "log_every_steps", PREFIX, default=50),
-      checkpoint_every_steps=config_checks.positive_int(
-          section, "checkpoint_every_steps", PREFIX, default=0, allow_zero=True),
-      max_checkpoints=config_checks.positive_int(section, "max_checkpoints", PREFIX, default=2),
+      **resumable.read_cadence(section, PREFIX),
       optimizer=section)
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from adcorda_jax import faults, interrupts
+from adcorda_jax import config_checks, faults, interrupts
 from adcorda_jax.errors import TrainingError
 from adcorda_jax.progress import Progress
 from adcorda_jax.training import metrics_log
@@ -60,6 +60,18 @@ class LoopResult:
   resumed_from_step: int
   final_metrics: dict[str, float]
   examples_per_second: float | None = None  # With `LoopSettings.examples_per_step`.
+
+
+def read_cadence(section: Any, prefix: str) -> dict[str, int]:
+  """`log_every_steps`, `checkpoint_every_steps` (0 = per epoch) and `max_checkpoints` of a
+  loop's config section, checked with one-line ConfigErrors naming `<prefix>.<key>`."""
+  return {
+      "log_every_steps": config_checks.positive_int(section, "log_every_steps", prefix,
+                                                    default=50),
+      "checkpoint_every_steps": config_checks.positive_int(
+          section, "checkpoint_every_steps", prefix, default=0, allow_zero=True),
+      "max_checkpoints": config_checks.positive_int(section, "max_checkpoints", prefix,
+                                                    default=2)}
 
 
 def mean_metrics(pending: list[dict[str, jax.Array]], first_step: int, directory: Path,
