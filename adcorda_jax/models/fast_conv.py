@@ -18,8 +18,10 @@ forward convolutions with explicitly materialized (tiny) kernels:
 
 Every one of these forward convolutions runs on the native direct-convolution kernel
 (`adcorda_jax.native`: 1.2-1.9x XLA:CPU's at 16-64 channels, 5x for a 3-channel stem) when it
-could be built, else on XLA's. The kernel gradient is autodiff's. Results equal `jax.grad` of
-`lax.conv_general_dilated` up to float32 summation order (tested).
+could be built, else on XLA's. The kernel (weight) gradient, which training needs, runs on the
+native kernel's reduction over images and pixels (`native.conv2d.kernel_gradient`), else it is
+autodiff's. Results equal `jax.grad` of `lax.conv_general_dilated` up to float32 summation order
+(tested).
 """
 from __future__ import annotations
 
@@ -157,11 +159,22 @@ def _conv2d_forward(x, kernel, strides, padding, native):
   return _conv(x, kernel, strides, padding, native), (x, kernel)
 
 
+def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...],
+                    strides: tuple[int, int], padding: Padding,
+                    native: bool = True) -> jax.Array:
+  """d(sum(dy * conv(x, kernel))) / d kernel: the native CPU kernel's reduction over images and
+  pixels where available (and the padding is non-negative), else autodiff of XLA's convolution."""
+  if native and native_conv.available() and min(min(pair) for pair in padding) >= 0:
+    return native_conv.kernel_gradient(x, dy, kernel_shape[:2], strides, padding)
+  kernel = jnp.zeros(kernel_shape, x.dtype)
+  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)
+  return kernel_vjp(dy)[0]
+
+
 def _conv2d_backward(strides, padding, native, residuals, dy):
   x, kernel = residuals
   dx = input_gradient(dy, kernel, x.shape, strides, padding, native)
-  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, strides, padding), kernel)
-  return dx, kernel_vjp(dy)[0]
+  return dx, kernel_gradient(x, dy, kernel.shape, strides, padding, native).astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_forward, _conv2d_backward)

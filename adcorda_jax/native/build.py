@@ -30,8 +30,10 @@ import jaxlib
 from absl import logging
 
 SOURCE = Path(__file__).with_name("conv2d_cpu.cc")
-TARGET = "adcorda_conv2d_cpu"
-HANDLER_SYMBOL = "AdcordaConv2dCpu"
+TARGET = "adcorda_conv2d_cpu"  # FFI target name prefixes: the forward convolution
+KERNEL_GRAD_TARGET = "adcorda_conv2d_kernel_grad_cpu"  # and its kernel (weight) gradient.
+# FFI target name prefix -> handler symbol in the library.
+HANDLERS = {TARGET: "AdcordaConv2dCpu", KERNEL_GRAD_TARGET: "AdcordaConv2dKernelGradCpu"}
 DISABLE_ENV = "ADCORDA_NATIVE_KERNELS"
 CACHE_ENV = "ADCORDA_JAX_CACHE"
 COMPILER_ENV = "CXX"
@@ -41,17 +43,20 @@ _REGISTERED: set[str] = set()  # FFI targets registered in this process.
 
 
 class NativeKernel:
-  """A loaded kernel library: its path, FFI target name and the vector width it requires.
+  """A loaded kernel library: its path, FFI target names and the vector width it requires.
 
-  The target name carries the library's cache key, so two builds (another cache folder, a
-  changed source) never collide in XLA's handler registry.
+  `target` is the forward convolution, `kernel_grad_target` its kernel (weight) gradient. The
+  names carry the library's cache key, so two builds (another cache folder, a changed source)
+  never collide in XLA's handler registry.
   """
 
   def __init__(self, path: Path):
     self.path = path
     self.library = ctypes.cdll.LoadLibrary(str(path))
     self.lanes = int(self.library.adcorda_conv2d_cpu_lanes())
-    self.target = f"{TARGET}_{path.stem.rsplit('-', 1)[-1]}"
+    key = path.stem.rsplit('-', 1)[-1]
+    self.targets = {f"{prefix}_{key}": symbol for prefix, symbol in HANDLERS.items()}
+    self.target, self.kernel_grad_target = self.targets
 
 
 def _cpu_signature() -> str:
@@ -126,11 +131,11 @@ def conv2d_kernel() -> NativeKernel | None:
       logging.info("Compiled the native CPU convolution into %s in %.1f s.", path,
                    time.perf_counter() - start)
     kernel = NativeKernel(path)
-    if kernel.target not in _REGISTERED:  # The same key is the same code: register it once.
-      jax.ffi.register_ffi_target(kernel.target,
-                                  jax.ffi.pycapsule(getattr(kernel.library, HANDLER_SYMBOL)),
-                                  platform="cpu")
-      _REGISTERED.add(kernel.target)
+    for target, symbol in kernel.targets.items():
+      if target not in _REGISTERED:  # The same key is the same code: register it once.
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(kernel.library, symbol)),
+                                    platform="cpu")
+        _REGISTERED.add(target)
   except (OSError, RuntimeError, AttributeError, ValueError) as error:
     logging.warning("Native CPU convolution unavailable (%s); using XLA's.", error)
     return None

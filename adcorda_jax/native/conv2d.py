@@ -1,10 +1,12 @@
-"""`conv2d`: the native direct CPU convolution (see conv2d_cpu.cc) as a JAX operation.
+"""The native direct CPU convolution (see conv2d_cpu.cc) as JAX operations.
 
-Forward values only: `models.fast_conv` uses it for the forward pass and the input gradient of
-its custom VJP, where every convolution is a plain forward convolution. Under `vmap` an extra
-batch axis of the input is folded into the image axis (one call); a batched kernel falls back
-to XLA's convolution. Under a sharded `jit`, the call is partitioned along the image axis, so
-each device convolves its own share.
+`conv2d` computes forward values only: `models.fast_conv` uses it for the forward pass and the
+input gradient of its custom VJP, where every convolution is a plain forward convolution.
+`kernel_gradient` is the VJP's kernel (weight) gradient, a reduction over images and pixels.
+Under `vmap` an extra batch axis of the input is folded into the image axis (one call); a
+batched kernel (or a per-element kernel gradient) falls back to XLA's convolution. Under a
+sharded `jit`, the calls are partitioned along the image axis, so each device works on its own
+share (kernel gradients are then summed over the devices).
 """
 from __future__ import annotations
 
@@ -42,6 +44,15 @@ def _ffi_conv(x, kernel, strides, padding):
   call = jax.ffi.ffi_call(build.conv2d_kernel().target, jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")
   return call(x, kernel, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+              pad_top=np.int64(padding[0][0]), pad_bottom=np.int64(padding[0][1]),
+              pad_left=np.int64(padding[1][0]), pad_right=np.int64(padding[1][1]))
+
+
+def _ffi_kernel_gradient(x, dy, kernel_hw, strides, padding):
+  shape = tuple(kernel_hw) + (x.shape[3], dy.shape[3])
+  call = jax.ffi.ffi_call(build.conv2d_kernel().kernel_grad_target,
+                          jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+  return call(x, dy, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
               pad_top=np.int64(padding[0][0]), pad_bottom=np.int64(padding[0][1]),
               pad_left=np.int64(padding[1][0]), pad_right=np.int64(padding[1][1]))
 
@@ -97,6 +108,80 @@ def _batched(strides: tuple[int, int], padding: Padding):
     return y.reshape((axis_size, x.shape[1]) + y.shape[1:]), True
 
   return conv
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned_kernel_gradient(kernel_hw: tuple[int, int], strides: tuple[int, int],
+                                 padding: Padding):
+  """The kernel-gradient call for one geometry; under a sharded jit each device reduces its
+  share of the images and the partial gradients are summed over the image axis's devices."""
+
+  @custom_partitioning
+  def gradient(x, dy):
+    return _ffi_kernel_gradient(x, dy, kernel_hw, strides, padding)
+
+  def infer(mesh, arg_shapes, result_shape):
+    return NamedSharding(mesh, PartitionSpec())
+
+  def partition(mesh, arg_shapes, result_shape):
+    x_sharding = _image_axis_sharding(mesh, arg_shapes[0].sharding, 4)
+    axis = x_sharding.spec[0]
+
+    def lower(x, dy):
+      partial = _ffi_kernel_gradient(x, dy, kernel_hw, strides, padding)
+      return partial if axis is None else jax.lax.psum(partial, axis)
+
+    return mesh, lower, NamedSharding(mesh, PartitionSpec()), (x_sharding, x_sharding)
+
+  gradient.def_partition(infer_sharding_from_operands=infer, partition=partition,
+                         sharding_rule="n h w c, n p q o -> i j c o",
+                         need_replication_factors=("h", "w", "c", "p", "q", "o", "i", "j"))
+  return gradient
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_kernel_gradient(kernel_hw: tuple[int, int], strides: tuple[int, int],
+                             padding: Padding):
+  """The partitioned kernel gradient with a vmap rule: one gradient per vmapped element."""
+
+  @jax.custom_batching.custom_vmap
+  def gradient(x, dy):
+    return _partitioned_kernel_gradient(kernel_hw, strides, padding)(x, dy)
+
+  @gradient.def_vmap
+  def gradient_vmap(axis_size, in_batched, x, dy):
+    def xla(xi, dyi):
+      kernel = jnp.zeros(tuple(kernel_hw) + (xi.shape[3], dyi.shape[3]), jnp.float32)
+      _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
+          xi, k, strides, padding, dimension_numbers=DIMENSION_NUMBERS), kernel)
+      return vjp(dyi)[0]
+    axes = tuple(0 if batched else None for batched in in_batched)
+    return jax.vmap(xla, in_axes=axes)(x, dy), True
+
+  return gradient
+
+
+def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
+                    strides: tuple[int, int], padding: Padding) -> jax.Array:
+  """d(sum(dy * conv(x, kernel))) / d kernel, an HWIO array, by the native kernel.
+
+  Same conventions as `conv2d` (float32, explicit non-negative padding; output channels are
+  zero-padded to the vector width and sliced back). Values equal the kernel cotangent of
+  `lax.conv_general_dilated` up to float32 summation order.
+  """
+  lanes = build.conv2d_kernel().lanes
+  out_channels = dy.shape[-1]
+  extra = -out_channels % lanes
+  if extra:
+    dy = jnp.pad(dy, ((0, 0), (0, 0), (0, 0), (0, extra)))
+  strides = (int(strides[0]), int(strides[1]))
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if min(min(pair) for pair in padding) < 0:
+    raise ValueError(f"native kernel_gradient takes non-negative padding, got {padding}")
+  kernel_hw = (int(kernel_hw[0]), int(kernel_hw[1]))
+  dw = _batched_kernel_gradient(kernel_hw, strides, padding)(x.astype(jnp.float32),
+                                                             dy.astype(jnp.float32))
+  return dw[..., :out_channels] if extra else dw
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],

@@ -172,9 +172,9 @@ void Row(const float* in, int64_t row_floats, const Geometry& g, const float* ke
     BlockTail<V, P - 1>(g.ow - x, in + x * step, row_floats, step, g, kernel, out + x * g.o);
 }
 
-// Output rows [r0, r1) of one image: the input rows they read are zero-padded into `padded`.
-void Rows(const float* x, const float* kernel, float* y, const Geometry& g, int64_t r0,
-          int64_t r1, std::vector<float>& padded) {
+// Zero-pads the input rows that output rows [r0, r1) of one image read into `padded`.
+void PadRows(const float* x, const Geometry& g, int64_t r0, int64_t r1,
+             std::vector<float>& padded) {
   const int64_t row_floats = g.padded_w() * g.c;
   const int64_t first = r0 * g.sh, count = (r1 - 1) * g.sh + g.kh - first;
   padded.assign(count * row_floats, 0.0f);
@@ -184,6 +184,13 @@ void Rows(const float* x, const float* kernel, float* y, const Geometry& g, int6
       std::memcpy(&padded[r * row_floats + g.pl * g.c], x + source * g.w * g.c,
                   sizeof(float) * g.w * g.c);
   }
+}
+
+// Output rows [r0, r1) of one image.
+void Rows(const float* x, const float* kernel, float* y, const Geometry& g, int64_t r0,
+          int64_t r1, std::vector<float>& padded) {
+  const int64_t row_floats = g.padded_w() * g.c;
+  PadRows(x, g, r0, r1, padded);
   constexpr int64_t kWide = 2 * Vec::kLanes;
   for (int64_t r = r0; r < r1; ++r) {
     const float* in = padded.data() + (r - r0) * g.sh * row_floats;
@@ -214,6 +221,36 @@ struct Shared {
   std::condition_variable cv;
 };
 
+// Runs work(worker, unit) for units [0, units) on the caller and up to threads-1 pool tasks
+// (worker ids 0..threads-1; one worker runs its units in order) and returns when all are done.
+template <typename Work>
+void RunUnits(ffi::ThreadPool& pool, int64_t threads, int64_t units, Work work) {
+  auto shared = std::make_shared<Shared>();
+  auto loop = [=](Shared& s, int64_t worker) {
+    int64_t done = 0;
+    for (int64_t u; (u = s.next.fetch_add(1)) < units; ++done) work(worker, u);
+    if (done && s.finished.fetch_add(done) + done == units) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min(threads, units) - 1;
+  for (int64_t t = 1; t <= helpers; ++t) pool.Schedule([shared, loop, t] { loop(*shared, t); });
+  loop(*shared, 0);
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->finished.load() == units; });
+}
+
+ffi::Error CheckGeometry(const Geometry& g) {
+  if (g.o % Vec::kLanes != 0)
+    return ffi::Error::InvalidArgument("conv2d_cpu: output channels must be a multiple of " +
+                                       std::to_string(Vec::kLanes));
+  if (g.sh < 1 || g.sw < 1 || g.pt < 0 || g.pb < 0 || g.pl < 0 || g.pr < 0 ||
+      g.oh != (g.padded_h() - g.kh) / g.sh + 1 || g.ow != (g.padded_w() - g.kw) / g.sw + 1)
+    return ffi::Error::InvalidArgument("conv2d_cpu: output size does not match strides/padding");
+  return ffi::Error::Success();
+}
+
 ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                       ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
                       int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
@@ -225,12 +262,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
              stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
   if (kd[2] != g.c || yd[0] != g.n || yd[3] != g.o)
     return ffi::Error::InvalidArgument("conv2d_cpu: x, kernel and y shapes disagree");
-  if (g.o % Vec::kLanes != 0)
-    return ffi::Error::InvalidArgument("conv2d_cpu: output channels must be a multiple of " +
-                                       std::to_string(Vec::kLanes));
-  if (g.sh < 1 || g.sw < 1 || g.pt < 0 || g.pb < 0 || g.pl < 0 || g.pr < 0 ||
-      g.oh != (g.padded_h() - g.kh) / g.sh + 1 || g.ow != (g.padded_w() - g.kw) / g.sw + 1)
-    return ffi::Error::InvalidArgument("conv2d_cpu: output size does not match strides/padding");
+  if (ffi::Error error = CheckGeometry(g); error.failure()) return error;
   if (g.n == 0 || g.oh <= 0 || g.ow <= 0) return ffi::Error::Success();
 
   const float* xs = x.typed_data();
@@ -239,31 +271,161 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t x_image = g.h * g.w * g.c, y_image = g.oh * g.ow * g.o;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t rows = RowsPerUnit(g, threads), slices = (g.oh + rows - 1) / rows;
-  const int64_t units = g.n * slices;
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared& s) {
-    std::vector<float> padded;
-    int64_t done = 0;
-    for (int64_t u; (u = s.next.fetch_add(1)) < units; ++done) {
+  auto padded = std::make_shared<std::vector<std::vector<float>>>(threads);
+  RunUnits(pool, threads, g.n * slices, [=](int64_t worker, int64_t u) {
+    const int64_t i = u / slices, r0 = (u % slices) * rows;
+    Rows(xs + i * x_image, ks, ys + i * y_image, g, r0, std::min(r0 + rows, g.oh),
+         (*padded)[worker]);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- Kernel (weight) gradient: dW[kh, kw, c, o] = sum over images and output pixels of
+// x_padded[n, p*sh + kh, q*sw + kw, c] * dy[n, p, q, o].
+//
+// For a fixed kernel row kh, the (kw, c) rows of dW are contiguous (HWIO), and so are the input
+// values an output pixel multiplies them with (kw*C + c floats from its first column in the
+// padded row). So each kernel row is a [KW*C, O] = patches^T x dy product whose patches are read
+// in place: a tile of K of those rows x V output-channel vectors stays in registers while the
+// pixels of a work unit stream through, one broadcast per row and V dy loads per pixel.
+// The reduction over images is split into a fixed number of chunks, each accumulated into its
+// own copy of dW, so results do not depend on which thread ran what.
+
+#if defined(__AVX512F__)
+constexpr int kGradRows1 = 16, kGradRows2 = 12;  // K for V = 1 and 2 (K*V + V + 1 <= 32).
+#else
+constexpr int kGradRows1 = 8, kGradRows2 = 6;    // 16 registers.
+#endif
+
+template <int V, int K>
+inline void GradTile(const float* x, int64_t x_row_stride, int64_t x_step, const float* dy,
+                     int64_t o, int64_t rows, int64_t ow, float* dw) {
+  typename Vec::T acc[K][V];
+  for (int i = 0; i < K; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = Vec::load(dw + i * o + v * Vec::kLanes);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_row_stride;
+    const float* dr = dy + r * ow * o;
+    for (int64_t q = 0; q < ow; ++q) {
+      const float* xp = xr + q * x_step;
+      typename Vec::T dv[V];
+      for (int v = 0; v < V; ++v) dv[v] = Vec::load(dr + q * o + v * Vec::kLanes);
+      for (int i = 0; i < K; ++i) {
+        const typename Vec::T xv = Vec::splat(xp[i]);
+        for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(xv, dv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < K; ++i)
+    for (int v = 0; v < V; ++v) Vec::store(dw + i * o + v * Vec::kLanes, acc[i][v]);
+}
+
+template <int V, int K>
+inline void GradTileTail(int64_t count, const float* x, int64_t x_row_stride, int64_t x_step,
+                         const float* dy, int64_t o, int64_t rows, int64_t ow, float* dw) {
+  if constexpr (K > 0) {
+    if (count == K) return GradTile<V, K>(x, x_row_stride, x_step, dy, o, rows, ow, dw);
+    return GradTileTail<V, K - 1>(count, x, x_row_stride, x_step, dy, o, rows, ow, dw);
+  }
+}
+
+// All tiles of one kernel row for V output-channel vectors starting at channel `oc`.
+template <int V>
+void GradKernelRow(const float* x, int64_t x_row_stride, int64_t x_step, int64_t k_rows,
+                   const float* dy, const Geometry& g, int64_t rows, float* dw) {
+  constexpr int K = V == 1 ? kGradRows1 : kGradRows2;
+  int64_t i = 0;
+  for (; i + K <= k_rows; i += K)
+    GradTile<V, K>(x + i, x_row_stride, x_step, dy, g.o, rows, g.ow, dw + i * g.o);
+  if (i < k_rows)
+    GradTileTail<V, K - 1>(k_rows - i, x + i, x_row_stride, x_step, dy, g.o, rows, g.ow,
+                           dw + i * g.o);
+}
+
+// Adds the contribution of output rows [r0, r1) of one image to `dw` ([KH, KW, C, O]).
+void GradRows(const float* x, const float* dy, float* dw, const Geometry& g, int64_t r0,
+              int64_t r1, std::vector<float>& padded) {
+  const int64_t row_floats = g.padded_w() * g.c;
+  PadRows(x, g, r0, r1, padded);
+  const int64_t k_rows = g.kw * g.c, x_row_stride = g.sh * row_floats, x_step = g.sw * g.c;
+  const float* dy_rows = dy + r0 * g.ow * g.o;
+  constexpr int64_t kWide = 2 * Vec::kLanes;
+  for (int64_t kh = 0; kh < g.kh; ++kh) {
+    const float* x_rows = padded.data() + kh * row_floats;
+    float* dw_rows = dw + kh * k_rows * g.o;
+    int64_t oc = 0;
+    for (; oc + kWide <= g.o; oc += kWide)
+      GradKernelRow<2>(x_rows, x_row_stride, x_step, k_rows, dy_rows + oc, g, r1 - r0,
+                       dw_rows + oc);
+    for (; oc < g.o; oc += Vec::kLanes)
+      GradKernelRow<1>(x_rows, x_row_stride, x_step, k_rows, dy_rows + oc, g, r1 - r0,
+                       dw_rows + oc);
+  }
+}
+
+ffi::Error Conv2dKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                                int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                                int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), kd = dw->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("conv2d_cpu: x, dy and kernel must be rank 4");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], yd[1], yd[2],
+             stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
+  if (kd[2] != g.c || yd[0] != g.n || yd[3] != g.o)
+    return ffi::Error::InvalidArgument("conv2d_cpu: x, dy and kernel shapes disagree");
+  if (ffi::Error error = CheckGeometry(g); error.failure()) return error;
+  const int64_t size = g.kh * g.kw * g.c * g.o;
+  float* out = dw->typed_data();
+  std::fill(out, out + size, 0.0f);
+  if (g.n == 0 || g.oh <= 0 || g.ow <= 0) return ffi::Error::Success();
+
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
+  const int64_t x_image = g.h * g.w * g.c, y_image = g.oh * g.ow * g.o;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows = RowsPerUnit(g, threads), slices = (g.oh + rows - 1) / rows;
+  // Deterministic reduction: the units are split into `chunks` fixed, contiguous ranges, each
+  // accumulated in order into its own copy of dW (chunk 0 into the output) by whichever thread
+  // takes it, and the copies are summed in chunk order.
+  const int64_t units = g.n * slices, chunks = std::min(threads, units);
+  auto partial = std::make_shared<std::vector<std::vector<float>>>(chunks);
+  auto padded = std::make_shared<std::vector<std::vector<float>>>(threads);
+  RunUnits(pool, threads, chunks, [=](int64_t worker, int64_t chunk) {
+    float* target = out;
+    if (chunk > 0) {
+      (*partial)[chunk].assign(size, 0.0f);
+      target = (*partial)[chunk].data();
+    }
+    for (int64_t u = chunk * units / chunks; u < (chunk + 1) * units / chunks; ++u) {
       const int64_t i = u / slices, r0 = (u % slices) * rows;
-      Rows(xs + i * x_image, ks, ys + i * y_image, g, r0, std::min(r0 + rows, g.oh), padded);
+      GradRows(xs + i * x_image, dys + i * y_image, target, g, r0, std::min(r0 + rows, g.oh),
+               (*padded)[worker]);
     }
-    if (done && s.finished.fetch_add(done) + done == units) {
-      std::lock_guard<std::mutex> lock(s.mu);
-      s.cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min(threads, units) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, work] { work(*shared); });
-  work(*shared);
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->finished.load() == units; });
+  });
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* copy = (*partial)[chunk].data();
+    for (int64_t j = 0; j < size; ++j) out[j] += copy[j];
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dCpu, Conv2dImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dKernelGradCpu, Conv2dKernelGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
