@@ -3,7 +3,7 @@
 Attacks treat the model as frozen (eval mode, running BatchNorm statistics). `attack_model`
 returns a logits function plus the pytree it takes, and is the one place where the attack-time
 model is built, so every attack and task gets the same implementation: on CPU, convolutions whose
-input gradient runs on XLA's fast path (`adcorda_jax.models.frozen`), the plain model elsewhere.
+input and kernel gradients run on the native kernel (`adcorda_jax.models.fast_path`), the plain model elsewhere.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import flax.linen as nn
 
 from adcorda_jax.attacks.losses import LogitsFn
-from adcorda_jax.models.frozen import FastPath, frozen_logits_fn, use_fast_input_gradients
+from adcorda_jax.models.fast_path import FastPath, use_fast_convolutions
+from adcorda_jax.models.frozen import frozen_logits_fn
 
 
 def attack_model(model: nn.Module, variables: Any,
@@ -23,5 +24,5 @@ def attack_model(model: nn.Module, variables: Any,
   `attack_params` (not `variables`) as the attacks' `params` argument. The same function object
   comes back for the same model and setting, so compiled attacks are reused.
   """
-  fast = use_fast_input_gradients(fast_input_gradients)
+  fast = use_fast_convolutions(fast_input_gradients)
   return frozen_logits_fn(model, fast), variables

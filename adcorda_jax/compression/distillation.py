@@ -32,6 +32,7 @@ import optax
 
 from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
+from adcorda_jax.models import fast_path
 from adcorda_jax.training import batches, optim, resumable, sharding, steps
 
 PREFIX = "distill"
@@ -136,8 +137,9 @@ def distill_step(state: DistillState, batch: steps.Batch, rng: jax.Array, *,
   """One step: teacher in eval mode (running BN stats, no dropout), student in train mode."""
   dropout_rng = jax.random.fold_in(rng, state.step)
   with_features = beta > 0
-  teacher_out = teacher_apply(teacher_variables, batch["image"], train=False,
-                              return_features=with_features)
+  with fast_path.fast_convolutions():  # Native convolutions on the CPU (see steps).
+    teacher_out = teacher_apply(teacher_variables, batch["image"], train=False,
+                                return_features=with_features)
   teacher_logits, teacher_features = teacher_out if with_features else (teacher_out, None)
 
   def loss_fn(trainable):
@@ -155,8 +157,9 @@ def distill_step(state: DistillState, batch: steps.Batch, rng: jax.Array, *,
     return loss, (logits, updates["batch_stats"], parts)
 
   trainable = {"student": state.params, "projection": state.projection}
-  (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(trainable)
+  with fast_path.fast_convolutions():
+    (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
   predictions = jnp.argmax(logits, -1)
   metrics = {"loss": loss, **parts,
              "accuracy": jnp.mean(predictions == batch["label"]),

@@ -22,6 +22,7 @@ from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import AttackSpec
 from adcorda_jax.data import Dataset
 from adcorda_jax.evaluate.settings import EvaluationSettings
+from adcorda_jax.models import fast_path
 from adcorda_jax.pipeline import Stage, fingerprint as fingerprint_lib
 from adcorda_jax.training import batches, evaluation, sharding
 
@@ -41,7 +42,8 @@ class _ModuleApply:
 
 def _predicted_labels(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
                       ) -> jax.Array:
-  return jnp.argmax(apply_fn(variables, images), -1)
+  with fast_path.fast_convolutions():  # Forward-only native convolutions on the CPU.
+    return jnp.argmax(apply_fn(variables, images), -1)
 
 
 # One program per (equal) module, shared by every predictor of it.

@@ -30,6 +30,7 @@ import optax
 
 from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
+from adcorda_jax.models import fast_path
 from adcorda_jax.training import batches, optim, resumable, sharding, steps, trainable
 
 PREFIX = "adapt"
@@ -132,8 +133,9 @@ def finetune_step(state: steps.TrainState, source: steps.Batch, target: steps.Ba
       align = alignment(source_features, target_features)
     return ce + lambda_ * align, (logits, batch_stats, ce, align)
 
-  (loss, (logits, batch_stats, ce, align)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  with fast_path.fast_convolutions():  # Native convolutions on the CPU (see steps).
+    (loss, (logits, batch_stats, ce, align)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
   metrics = {"loss": loss, "cross_entropy": ce, "alignment": align,
              "accuracy": jnp.mean(jnp.argmax(logits, -1) == source["label"]),
              "grad_norm": optax.tree.norm(grads)}

@@ -2,7 +2,9 @@
 
 `train_step(state, batch, rng)` and `eval_step(variables, batch)` are pure functions; the trainer
 jits them with explicit shardings. Per-step randomness is `fold_in(rng, state.step)`, so the same
-seed gives the same run and a resumed run the same steps.
+seed gives the same run and a resumed run the same steps. On the CPU both run the model's plain
+convolutions on the native kernels (`models.fast_path`, forward, input and kernel gradients);
+`fast_convolutions=False` asks for flax's own convolutions.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import optax
 from flax.training import train_state
 
 from adcorda_jax.data import random_crop_flip
+from adcorda_jax.models import fast_path
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -46,8 +49,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: int,
                label_smoothing: float = 0.0, augment_padding: int | None = None,
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+               fast_convolutions: fast_path.FastPath = "auto",
                ) -> tuple[TrainState, Metrics]:
-  """One SGD step on `batch` ({'image', 'label'}); augments when `augment_padding` is not None."""
+  """One SGD step on `batch` ({'image', 'label'}); augments when `augment_padding` is not None.
+
+  `fast_convolutions` ('auto': on the CPU) routes plain convolutions through the native kernels.
+  """
   step_rng = jax.random.fold_in(rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
   images = batch["image"]
@@ -61,7 +68,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: 
     loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
     return loss, (logits, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  with fast_path.fast_convolutions(fast_convolutions):
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
@@ -83,9 +91,10 @@ def params_finite(tree: Any) -> jax.Array:
 
 
 def eval_step(apply_fn: Callable[..., Any], variables: Any, batch: Batch, *,
-              num_classes: int) -> Metrics:
+              num_classes: int, fast_convolutions: fast_path.FastPath = "auto") -> Metrics:
   """Masked sums over a padded batch: correct predictions, loss and example count."""
-  logits = apply_fn(variables, batch["image"], train=False)
+  with fast_path.fast_convolutions(fast_convolutions):
+    logits = apply_fn(variables, batch["image"], train=False)
   mask = batch["mask"]
   loss = cross_entropy(logits, batch["label"], num_classes)
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
