@@ -9,6 +9,7 @@ import ml_collections
 from adcorda_jax.registry import Registry
 from adcorda_jax.tasks.adcorda import run_adcorda
 from adcorda_jax.tasks.benchmark_attack import run_benchmark_attack
+from adcorda_jax.tasks.benchmark_train import run_benchmark_train
 from adcorda_jax.tasks.compression_study import run_compression_study
 from adcorda_jax.tasks.quantize import run_quantize
 from adcorda_jax.tasks.robustness import run_robustness
@@ -19,6 +20,7 @@ TASKS: Registry[Task] = Registry("task")
 TASKS.register("train")(train_and_evaluate)
 TASKS.register("robustness")(run_robustness)
 TASKS.register("benchmark_attack")(run_benchmark_attack)
+TASKS.register("benchmark_train")(run_benchmark_train)
 TASKS.register("adcorda")(run_adcorda)
 TASKS.register("quantize")(run_quantize)
 TASKS.register("compression_study")(run_compression_study)

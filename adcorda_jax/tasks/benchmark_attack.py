@@ -62,7 +62,8 @@ def parse_cases(value: Any) -> tuple[Case, ...]:
   return tuple(cases)
 
 
-def _names(value: Any, key: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+def parse_names(value: Any, key: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+  """A comma-separated list of names from `valid` (one-line error naming `key`)."""
   names = tuple(name.strip() for name in str(value).split(",") if name.strip())
   unknown = [name for name in names if name not in valid]
   if not names or unknown:
@@ -147,7 +148,7 @@ def run_benchmark_attack(config: ml_collections.ConfigDict,
   if not isinstance(section, ml_collections.ConfigDict):
     raise ConfigError("config has no 'benchmark' section; start from configs/benchmark_attack.py")
   cases = parse_cases(section.cases)
-  implementations = _names(section.implementations, "benchmark.implementations",
+  implementations = parse_names(section.implementations, "benchmark.implementations",
                            tuple(benchmark.IMPLEMENTATIONS))
   for key in ("steps", "repeats"):
     config_checks.positive_int(section, key, _PREFIX)
@@ -163,7 +164,7 @@ def run_benchmark_attack(config: ml_collections.ConfigDict,
     return _run_grid(run, cases, implementations, device_counts, section, config.seed)
 
 
-def _saved_records(workdir: Path) -> tuple[list[dict[str, Any]], bool]:
+def saved_records(workdir: Path) -> tuple[list[dict[str, Any]], bool]:
   """(records measured so far, whether a release-0.1.0 run finished them all)."""
   path = workdir / workdir_lib.RESULTS_FILE
   saved = workdir_lib.read_json(path) if path.exists() else {}
@@ -179,7 +180,7 @@ def _run_grid(run: pipeline.Run, cases: tuple[Case, ...], implementations: tuple
   """Measures every (case, device count, implementation) not yet in results.json."""
   workdir = run.path
   results_path = workdir / workdir_lib.RESULTS_FILE
-  records, legacy_complete = _saved_records(workdir)
+  records, legacy_complete = saved_records(workdir)
   done = {_key(r) for r in records}
   if not legacy_complete:
     peak = benchmark.matmul_peak_gflops()
