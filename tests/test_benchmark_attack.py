@@ -157,3 +157,37 @@ def test_cli_cpu_devices_splits_the_cpu(tmp_path):
   assert completed.returncode == 0, completed.stderr[-2000:]
   records = json.loads((tmp_path / "results.json").read_text())["records"]
   assert sorted(r["devices"] for r in records) == [1, 2]  # 4 is skipped: only 2 devices.
+
+
+def _train_config(**overrides):
+  from configs import benchmark_train as train_config
+  config = train_config.get_config()
+  config.benchmark.cases = "small_cnn/8x8x1/10/8"
+  config.benchmark.steps = 2
+  config.benchmark.repeats = 1
+  config.benchmark.update(overrides)
+  return config
+
+
+@pytest.mark.slow
+def test_train_benchmark_records_resume_and_name_bad_implementations(tmp_path, monkeypatch):
+  from adcorda_jax.tasks import benchmark_train
+  monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda: 100.0)  # Keep the test short.
+  results = benchmark_train.run_benchmark_train(_train_config(), tmp_path)
+  records = json.loads((tmp_path / "results.json").read_text())["records"]
+  assert records == results["records"]
+  assert {r["implementation"] for r in records} == {"plain", "adcorda"}
+  for record in records:
+    assert record["img_per_second"] > 0 and record["flops_per_img"] > 0
+    assert record["fraction_of_peak"] == pytest.approx(
+        record["img_per_second"] * record["flops_per_img"] / 100e9)
+  assert len({r["flops_per_img"] for r in records}) == 1  # The plain program's useful work.
+  assert "| small_cnn | 8 | adcorda |" in (tmp_path / "report.md").read_text()
+  # A finished run returns its results without measuring again.
+  monkeypatch.setattr(benchmark_train.benchmark, "compile_train_step",
+                      lambda *a, **k: pytest.fail("measured again"))
+  assert benchmark_train.run_benchmark_train(_train_config(), tmp_path) == results
+  with pytest.raises(ConfigError) as error:
+    benchmark_train.run_benchmark_train(_train_config(implementations="plain,fastest"),
+                                        tmp_path / "other")
+  assert "benchmark.implementations" in one_line(error) and "fastest" in one_line(error)
