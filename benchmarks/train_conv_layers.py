@@ -18,7 +18,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from adcorda_jax.models import fast_conv
