@@ -187,7 +187,6 @@ def test_every_train_and_eval_step_lowers_to_the_native_kernels_on_cpu():
                 state, batch, key)
   assert _native_calls(plain) == (0, 0)
   evaluation = lower(functools.partial(steps.eval_step, model.apply, num_classes=10),
-                     state.variables if hasattr(state, "variables") else
                      {"params": state.params, "batch_stats": state.batch_stats}, batch)
   assert _native_calls(evaluation) == (4, 0)
   tuned = lower(functools.partial(finetune.finetune_step, num_classes=10, alignment=None,

@@ -161,6 +161,23 @@ def _batched_kernel_gradient(kernel_hw: tuple[int, int], strides: tuple[int, int
   return gradient
 
 
+def _pad_channels(array: jax.Array) -> tuple[jax.Array, int]:
+  """`array` with its last (output-channel) axis zero-padded to the kernel's vector width."""
+  extra = -array.shape[-1] % build.conv2d_kernel().lanes
+  if extra:
+    array = jnp.pad(array, ((0, 0),) * (array.ndim - 1) + ((0, extra),))
+  return array, extra
+
+
+def _static_geometry(strides, padding, name: str) -> tuple[tuple[int, int], Padding]:
+  """Strides and padding as hashable ints (the FFI attributes); padding must be non-negative."""
+  strides = (int(strides[0]), int(strides[1]))
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if min(min(pair) for pair in padding) < 0:
+    raise ValueError(f"native {name} takes non-negative padding, got {padding}")
+  return strides, padding
+
+
 def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
                     strides: tuple[int, int], padding: Padding) -> jax.Array:
   """d(sum(dy * conv(x, kernel))) / d kernel, an HWIO array, by the native kernel.
@@ -169,15 +186,9 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
   zero-padded to the vector width and sliced back). Values equal the kernel cotangent of
   `lax.conv_general_dilated` up to float32 summation order.
   """
-  lanes = build.conv2d_kernel().lanes
   out_channels = dy.shape[-1]
-  extra = -out_channels % lanes
-  if extra:
-    dy = jnp.pad(dy, ((0, 0), (0, 0), (0, 0), (0, extra)))
-  strides = (int(strides[0]), int(strides[1]))
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if min(min(pair) for pair in padding) < 0:
-    raise ValueError(f"native kernel_gradient takes non-negative padding, got {padding}")
+  dy, extra = _pad_channels(dy)
+  strides, padding = _static_geometry(strides, padding, "kernel_gradient")
   kernel_hw = (int(kernel_hw[0]), int(kernel_hw[1]))
   dw = _batched_kernel_gradient(kernel_hw, strides, padding)(x.astype(jnp.float32),
                                                              dy.astype(jnp.float32))
@@ -192,14 +203,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   kernel's vector width and sliced back. Call only when `available()`; values equal
   `lax.conv_general_dilated` up to float32 summation order.
   """
-  lanes = build.conv2d_kernel().lanes
   out_channels = kernel.shape[-1]
-  extra = -out_channels % lanes
-  if extra:
-    kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra)))
-  strides = (int(strides[0]), int(strides[1]))
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if min(min(pair) for pair in padding) < 0:
-    raise ValueError(f"native conv2d takes non-negative padding, got {padding}")
+  kernel, extra = _pad_channels(kernel)
+  strides, padding = _static_geometry(strides, padding, "conv2d")
   y = _batched(strides, padding)(x.astype(jnp.float32), kernel.astype(jnp.float32))
   return y[..., :out_channels] if extra else y
