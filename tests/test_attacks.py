@@ -90,6 +90,9 @@ def _run(attack, logits_fn, params, x, labels, *, eps, norm, targeted=False, key
   if attack == "apgd":
     return attacks.apgd_ce(logits_fn, params, x, labels, key=key, eps=eps, steps=steps,
                            norm=norm, **kwargs)
+  if attack in ("apgd_dlr", "apgd_t"):
+    return apgd.apgd(logits_fn, params, x, labels, key=key, eps=eps, steps=steps, norm=norm,
+                     loss="dlr" if attack == "apgd_dlr" else "dlr_targeted", **kwargs)
   step_size = 2.5 * np.maximum(eps, 1e-3) / steps
   if attack == "correct":
     return attacks.correct(logits_fn, params, x, labels, eps=eps, step_size=step_size,
@@ -113,13 +116,14 @@ def _check_ball_and_image_range(attack, norm, batch, eps, per_example, targeted,
   norms_ = np.asarray(norms.perturbation_norm(result.adversarial - x, norm))
   np.testing.assert_allclose(result.perturbation_norm, norms_, atol=1e-6)
   assert np.all(norms_ <= np.broadcast_to(eps, (batch,)) + TOLERANCE)
-  steps = 1 if attack == "fgsm" else 10
+  # APGD-T runs once per target class: 3 on this 4-class model.
+  steps = {"fgsm": 1, "apgd_t": 30}.get(attack, 10)
   assert np.all((0 <= np.asarray(result.steps_used)) & (result.steps_used <= steps))
 
 
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None)
-@given(attack=st.sampled_from(["fgsm", "pgd", "apgd", "correct"]),
+@given(attack=st.sampled_from(["fgsm", "pgd", "apgd", "apgd_dlr", "apgd_t", "correct"]),
        norm=st.sampled_from(norms.NORMS), batch=st.sampled_from([3, 5]),
        eps=st.floats(0.0, 1.5), per_example=st.booleans(), targeted=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -132,6 +136,8 @@ def test_adversarials_stay_in_the_ball_and_image_range(attack, norm, batch, eps,
     ("fgsm", "linf", 0.5, False, False),
     ("pgd", "l2", 1.0, True, False),
     ("apgd", "linf", 0.5, True, True),
+    ("apgd_dlr", "l2", 1.0, True, False),
+    ("apgd_t", "linf", 0.5, False, False),
     ("correct", "l2", 1.0, False, False),
 ])
 def test_each_attack_stays_in_the_ball_and_image_range(attack, norm, eps, per_example, targeted):

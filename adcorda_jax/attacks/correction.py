@@ -30,7 +30,8 @@ def _correct(logits_fn, params, x, labels, key, eps, step_size, *, steps, norm, 
   x32 = x.astype(jnp.float32)
   already_right = jnp.argmax(logits_fn(params, x32), axis=-1) == labels
 
-  def run_once(run_key, adversarial, frozen):
+  def run_once(index, run_key, adversarial, frozen):
+    del index  # One attempt.
     start = pick_per_example(frozen, adversarial,
                              starting_point(run_key, x32, eps, norm, random_start))
     return pgd_run(logits_fn, params, x32, labels, start, frozen, eps, step_size, steps=steps,

@@ -25,9 +25,10 @@ from adcorda_jax.attacks.registry import (AttackMethod, describe_restarts, descr
 if TYPE_CHECKING:
   from adcorda_jax.attacks.specs import AttackSpec
 
-# run_once(key, adversarial, frozen) -> (adversarial, steps_used): one attack run in which the
-# `frozen` examples keep `adversarial` (0 steps) and the others start afresh.
-RunOnce = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# run_once(index, key, adversarial, frozen) -> (adversarial, steps_used): attempt `index` (a
+# restart, or a target class) in which the `frozen` examples keep `adversarial` (0 steps) and the
+# others start afresh from `key`.
+RunOnce = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def as_budget(value: Any, batch_size: int) -> jax.Array:
@@ -49,7 +50,7 @@ def starting_point(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str,
 def run_restarts(run_once: RunOnce, logits_fn: LogitsFn, params: Any, x: jax.Array,
                  labels: jax.Array, key: jax.Array, *, restarts: int, steps: int, norm: str,
                  targeted: bool, frozen: jax.Array | None = None) -> AttackResult:
-  """Runs `run_once` `restarts` times and keeps the best result per example.
+  """Runs `run_once` `restarts` times (attempts 0..restarts-1) and keeps the best per example.
 
   Examples already successful are frozen in later restarts, so the first success is kept; for
   the others the run with the highest objective wins. `steps_used` sums over restarts. Examples
@@ -60,7 +61,7 @@ def run_restarts(run_once: RunOnce, logits_fn: LogitsFn, params: Any, x: jax.Arr
 
   def attempt(index, adversarial, skip):
     # fold_in: restart r draws the same start whatever the number of restarts.
-    candidate, used = run_once(jax.random.fold_in(key, index), adversarial, skip)
+    candidate, used = run_once(index, jax.random.fold_in(key, index), adversarial, skip)
     result, objective = score(logits_fn, params, x, candidate, labels, used, norm, targeted)
     used = jnp.where(result.success | skip, result.steps_used, steps)
     return result.replace(steps_used=used), objective
@@ -117,7 +118,8 @@ def _pgd(logits_fn, params, x, labels, key, eps, step_size, *, steps, norm, targ
          random_start, restarts, early_stop):
   x32 = x.astype(jnp.float32)
 
-  def run_once(run_key, adversarial, frozen):
+  def run_once(index, run_key, adversarial, frozen):
+    del index  # Every restart is the same attack from a new start.
     start = pick_per_example(frozen, adversarial,
                              starting_point(run_key, x32, eps, norm, random_start))
     return pgd_run(logits_fn, params, x32, labels, start, frozen, eps, step_size, steps=steps,
