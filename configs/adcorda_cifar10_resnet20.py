@@ -36,5 +36,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluate.eps = (2 / 255, 8 / 255)
   config.evaluate.max_examples = 1000
   config.evaluate.batch_size = 500
-  config.evaluate.apgd.steps = 20
   return config

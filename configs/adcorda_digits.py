@@ -72,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Evaluation of every variant (and seed) on the test split.
   evaluate = config.evaluate = ml_collections.ConfigDict()
-  evaluate.attacks = "pgd,apgd_ce"   # Comma-separated: fgsm, pgd, apgd_ce.
+  # Comma-separated: fgsm, pgd, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack (each
+  # reads its section below or AutoAttack's defaults, as in configs/robustness.py).
+  evaluate.attacks = "pgd,apgd_ce"
   evaluate.norm = "linf"
   evaluate.eps = (0.05,)             # Robust accuracy at each budget.
   evaluate.max_examples = 0          # Attack the first N test images; 0 = all.
@@ -84,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluate.pgd.restarts = 1
   evaluate.pgd.random_start = True
   evaluate.apgd = ml_collections.ConfigDict()
-  evaluate.apgd.steps = 10
+  evaluate.apgd.steps = 100          # AutoAttack's count; early stopping keeps it cheap.
   evaluate.apgd.restarts = 1
   evaluate.apgd.rho = 0.75
   evaluate.apgd.momentum = 0.75

@@ -22,5 +22,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.robustness.max_examples = 0   # All 10,000 test images.
   config.robustness.batch_size = 500
   config.robustness.pgd.steps = 10
-  config.robustness.apgd.steps = 50
   return config

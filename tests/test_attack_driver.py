@@ -192,7 +192,8 @@ def test_specs_from_config_validate_once_with_the_config_keys():
           "apgd_ce", "linf", ml_collections.ConfigDict({"rho": 1.5}), "robustness.apgd"),
        "robustness.apgd.rho must be in [0, 1], got 1.5"),
       (lambda: specs.parse_attack_names("pgd,apgd", "robustness.attacks", specs.UNTARGETED),
-       "unknown attack 'apgd' (robustness.attacks); valid names: fgsm, pgd, apgd_ce"),
+       "unknown attack 'apgd' (robustness.attacks); valid names: fgsm, pgd, apgd_ce, apgd_dlr, "
+       "apgd_t, fab_t, square, autoattack"),
       (lambda: specs.check_eps_grid((0.0, -1 / 255), "robustness.eps"),
        "robustness.eps must be a finite number >= 0, got -0.00392156862745098"),
       (lambda: specs.AttackSpec("pgd", steps=2.5),

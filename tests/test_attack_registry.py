@@ -18,17 +18,25 @@ from adcorda_jax.errors import ConfigError
 from tests.helpers import one_line
 
 
-def test_the_registry_lists_the_four_attacks():
-  assert ATTACKS.names() == ["apgd_ce", "correct", "fgsm", "pgd"]
+def test_the_registry_lists_the_built_in_attacks():
+  assert ATTACKS.names() == ["apgd_ce", "apgd_dlr", "apgd_t", "autoattack", "correct", "fab_t",
+                             "fgsm", "pgd", "square"]
   # Registration order, the order errors list them in.
-  assert specs.ATTACK_NAMES == ("fgsm", "pgd", "apgd_ce", "correct")
-  assert specs.UNTARGETED == ("fgsm", "pgd", "apgd_ce")
-  assert specs.SECTIONS == {"fgsm": "fgsm", "pgd": "pgd", "apgd_ce": "apgd",
-                            "correct": "correct"}
+  assert specs.ATTACK_NAMES == ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "apgd_t", "correct",
+                                "fab_t", "square", "autoattack")
+  assert specs.UNTARGETED == ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "square",
+                              "autoattack")
+  assert specs.SECTIONS == {"fgsm": "fgsm", "pgd": "pgd", "apgd_ce": "apgd", "apgd_dlr": "apgd",
+                            "apgd_t": "apgd_t", "correct": "correct", "fab_t": "fab",
+                            "square": "square", "autoattack": "autoattack"}
   assert [specs.AttackSpec(name).targets_true_label for name in specs.ATTACK_NAMES] == [
-      False, False, False, True]
+      name == "correct" for name in specs.ATTACK_NAMES]
   with pytest.raises(AttributeError):
     _ = specs.NOT_A_NAME
+
+
+FAB_LABEL = "fab_t linf, 100 steps, 9 target classes, 1 restart"
+SQUARE_LABEL = "square linf, 5000 queries, p_init 0.8, 1 restart"
 
 
 def test_default_specs_describe_themselves_as_before():
@@ -38,7 +46,12 @@ def test_default_specs_describe_themselves_as_before():
       "fgsm": "fgsm linf",
       "pgd": "pgd linf, 10 steps of 2.5*eps/10, random start, 1 restart",
       "apgd_ce": "apgd_ce linf, 100 steps, 1 restart",
-      "correct": "correct linf, 10 steps of 2.5*eps/10"}
+      "apgd_dlr": "apgd_dlr linf, 100 steps, 1 restart",
+      "apgd_t": "apgd_t linf, 100 steps, 9 target classes, 1 restart",
+      "correct": "correct linf, 10 steps of 2.5*eps/10",
+      "fab_t": FAB_LABEL, "square": SQUARE_LABEL,
+      "autoattack": "autoattack standard linf: apgd_ce linf, 100 steps, 1 restart, apgd_t linf, "
+                    f"100 steps, 9 target classes, 1 restart, {FAB_LABEL}, {SQUARE_LABEL}"}
   assert specs.AttackSpec("correct", steps=3, step_size=0.5).describe() == (
       "correct linf, 3 steps of 0.5, random start")
   assert specs.AttackSpec("apgd_ce", norm="l2", restarts=3).describe() == (
@@ -69,11 +82,11 @@ def test_attacks_from_config_builds_what_the_tasks_build(fields, prefix, default
 
 @pytest.mark.parametrize("fields,message", [
     ({"attacks": "pgd,apgd"},
-     "unknown attack 'apgd' (robustness.attacks); valid names: fgsm, pgd, apgd_ce"),
+     "unknown attack 'apgd' (robustness.attacks); valid names: fgsm, pgd, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack"),
     ({"attacks": "correct"},
-     "unknown attack 'correct' (robustness.attacks); valid names: fgsm, pgd, apgd_ce"),
+     "unknown attack 'correct' (robustness.attacks); valid names: fgsm, pgd, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack"),
     ({"attacks": ""}, "robustness.attacks must name at least one attack; valid names: fgsm, "
-                      "pgd, apgd_ce"),
+                      "pgd, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack"),
     ({"attacks": 3}, "robustness.attacks must be a comma-separated string such as 'fgsm,pgd', "
                      "got 3"),
     ({"attacks": "pgd,pgd"}, "robustness.attacks='pgd,pgd' names an attack twice"),
@@ -124,7 +137,7 @@ def test_a_registered_attack_is_selectable_without_other_edits(noise_attack):
   assert noise_spec == specs.AttackSpec("noise", steps=2) and pgd_spec.name == "pgd"
   assert noise_spec.describe() == "noise linf" and noise_spec.method is noise_attack
   assert not noise_spec.targets_true_label
-  assert specs.UNTARGETED == ("fgsm", "pgd", "apgd_ce", "noise")
+  assert specs.UNTARGETED[-1] == "noise" and "noise" in specs.ATTACK_NAMES
   bad = ml_collections.ConfigDict({"attacks": "noise", "noise": {"steps": 0}})
   with pytest.raises(ConfigError) as error:
     specs.attacks_from_config(bad, "robustness", "pgd")
@@ -147,11 +160,11 @@ def test_a_registered_attack_is_selectable_without_other_edits(noise_attack):
 
 
 def test_a_temporary_attack_is_gone_afterwards():
-  assert "noise" not in ATTACKS and specs.UNTARGETED == ("fgsm", "pgd", "apgd_ce")
+  assert "noise" not in ATTACKS and "noise" not in specs.UNTARGETED
   with pytest.raises(ConfigError) as error:
     specs.AttackSpec("noise")
   assert one_line(error) == ("unknown attack 'noise' (attack.name); valid names: fgsm, pgd, "
-                             "apgd_ce, correct")
+                             "apgd_ce, apgd_dlr, apgd_t, correct, fab_t, square, autoattack")
 
 
 def test_registering_a_name_twice_is_refused():

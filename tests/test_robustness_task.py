@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_at_the_first_unfinished_batch(checkpoint, finis
 @pytest.mark.parametrize("overrides, message", [
     (dict(checkpoint=""), "robustness.checkpoint must name a training run's workdir"),
     (dict(attacks="pgd,cw"), "unknown attack 'cw' (robustness.attacks); valid names: fgsm, pgd, "
-                             "apgd_ce"),
+                             "apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack"),
     (dict(eps=(0.0, -0.1)), "robustness.eps must be a finite number >= 0, got -0.1"),
     (dict(split="holdout"), "robustness.split='holdout' is not valid; choose one of: test, val, "
                             "train"),

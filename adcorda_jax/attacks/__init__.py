@@ -4,6 +4,9 @@
     result = pgd(logits_fn, params, images, labels, key=key, eps=8 / 255,
                  step_size=2 / 255, steps=10)
     result.adversarial, result.success, result.steps_used, result.perturbation_norm
+    # AutoAttack over a whole set, each attack on the points still robust:
+    split = autoattack(logits_fn, params, images, labels, key=key, eps=8 / 255)
+    split.robust_accuracy, split.details["cascade"]
 
 `attack_model` gives the library's fastest eval-mode model function for the backend (see
 `adcorda_jax.models.frozen`); `AttackSpec` + `attack_split` run an attack over a whole split.
@@ -20,18 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from adcorda_jax.attacks import validation
-from adcorda_jax.attacks.apgd import apgd_ce
+from adcorda_jax.attacks.apgd import apgd_ce, apgd_dlr, apgd_t
 from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks.correction import correct
 from adcorda_jax.attacks.driver import SplitAttackResult, attack_split
+from adcorda_jax.attacks.ensemble import autoattack, autoattack_spec
+from adcorda_jax.attacks.fab import fab_t
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.norms import NORMS
 from adcorda_jax.attacks.pgd import fgsm, pgd
 from adcorda_jax.attacks.specs import AttackSpec
+from adcorda_jax.attacks.square_attack import square
 
-__all__ = ["NORMS", "AttackResult", "AttackSpec", "SplitAttackResult", "apgd_ce", "attack_model",
-           "attack_split", "correct", "fgsm", "pgd", "robust_accuracy_curve"]
+__all__ = ["NORMS", "AttackResult", "AttackSpec", "SplitAttackResult", "apgd_ce", "apgd_dlr",
+           "apgd_t", "attack_model", "attack_split", "autoattack", "autoattack_spec", "correct",
+           "fab_t", "fgsm", "pgd", "robust_accuracy_curve", "square"]
 
 
 def _is_traced_argument(value: Any) -> bool:

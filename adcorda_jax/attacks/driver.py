@@ -66,6 +66,8 @@ class SplitAttackResult:
   computed_batches: int          # batches run by this call
   loaded_batches: int            # batches found finished on disk
   path: Path | None              # the merged arrays file, when run with an out_dir
+  # Attack-specific extras, e.g. autoattack's {"cascade": [...], "broken_by": [N] int16}.
+  details: dict[str, Any] | None = None
 
   @property
   def num_examples(self) -> int:
@@ -184,7 +186,7 @@ def fingerprint(spec: AttackSpec, eps: float, images: np.ndarray, labels: np.nda
   return fingerprint_lib.normalized(record)
 
 
-def _claim(out_dir: Path, expected: dict[str, Any]) -> None:
+def claim(out_dir: Path, expected: dict[str, Any]) -> None:
   """Records the fingerprint in `out_dir`, or checks it matches the one already there."""
   path = out_dir / FINGERPRINT_FILE
   if path.exists():
@@ -194,14 +196,19 @@ def _claim(out_dir: Path, expected: dict[str, Any]) -> None:
   workdir_lib.write_json_atomic(path, expected)
 
 
-def _check_inputs(logits_fn: LogitsFn, params: Any, images: np.ndarray, labels: np.ndarray,
-                  batch_size: int, batch_size_key: str, mesh: Mesh) -> None:
+def _check_inputs(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images: np.ndarray,
+                  labels: np.ndarray, batch_size: int, batch_size_key: str, mesh: Mesh) -> None:
   """Host-side checks of the whole split, once (the per-batch attack call checks nothing)."""
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
     raise ConfigError(f"{batch_size_key} must be an integer > 0, got {batch_size!r}")
   sharding.check_divisible(batch_size, batch_size_key, mesh)
   validation.check_images(images)
-  validation.check_labels(labels, len(images), validation.num_classes(logits_fn, params, images))
+  classes = validation.num_classes(logits_fn, params, images)
+  validation.check_labels(labels, len(images), classes)
+  for method in [spec.method] + [component.method for component in spec.components]:
+    if classes < method.min_classes:
+      raise ConfigError(f"attack {method.name} needs at least {method.min_classes} classes; "
+                        f"the model has {classes}")
 
 
 def _result(spec: AttackSpec, eps: float, arrays: dict[str, np.ndarray], computed: int,
@@ -262,13 +269,18 @@ def attack_split(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images: np.
   """
   eps = check_eps(eps, "eps")
   images, labels = np.asarray(images), np.asarray(labels).astype(np.int32)
-  _check_inputs(logits_fn, params, images, labels, batch_size, batch_size_key, mesh)
+  _check_inputs(spec, logits_fn, params, images, labels, batch_size, batch_size_key, mesh)
+  if spec.method.run_split is not None:  # e.g. autoattack: a cascade of attack_split runs.
+    return spec.method.run_split(
+        spec, logits_fn, params, images, labels, eps=eps, batch_size=batch_size, key=key,
+        mesh=mesh, out_dir=out_dir, save_adversarial=save_adversarial, description=description,
+        batch_size_key=batch_size_key, batch_callback=batch_callback)
   num_batches = -(-len(labels) // batch_size)
   batch_dir = None
   if out_dir is not None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _claim(out_dir, fingerprint(spec, eps, images, labels, batch_size, key, save_adversarial))
+    claim(out_dir, fingerprint(spec, eps, images, labels, batch_size, key, save_adversarial))
     merged_path = out_dir / ARRAYS_FILE
     if merged_path.exists():
       arrays = _load_npz(merged_path)

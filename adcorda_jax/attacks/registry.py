@@ -6,31 +6,33 @@ or "now right") comes from the `AttackMethod` registered under that name, so not
 branches on attack names. `pgd.py` registers fgsm and pgd, `apgd.py` apgd_ce, `correction.py`
 correct; `specs.py` imports those modules, so the registry is full wherever `AttackSpec` is used.
 
-Adding an attack (say Square, for AutoAttack) is one module and one registration, plus the import
-that loads it:
+Adding an attack (say a new `noise` attack) is one module and one registration, plus the import
+that loads it (square_attack.py is a real example):
 
-    # adcorda_jax/attacks/square.py, below the jitted `_square`
+    # adcorda_jax/attacks/noise.py, below the jitted `_noise`
     def _read(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
-      return {"steps": config_checks.positive_int(section, "steps", prefix, default=5000),
+      return {"steps": config_checks.positive_int(section, "steps", prefix, default=100),
               "early_stop": read_flag(section, "early_stop", prefix, default=True)}
 
     def _run(spec, logits_fn, params, x, labels, key, eps) -> AttackResult:
-      return _square(logits_fn, params, x, labels, key, eps, steps=spec.steps, norm=spec.norm,
-                     early_stop=spec.early_stop)
+      return _noise(logits_fn, params, x, labels, key, eps, steps=spec.steps, norm=spec.norm,
+                    early_stop=spec.early_stop)
 
-    register(AttackMethod(name="square", section="square", read=_read, run=_run,
-                          describe=lambda spec: f"square {spec.norm}, {spec.steps} queries"))
+    register(AttackMethod(name="noise", section="noise", read=_read, run=_run,
+                          describe=lambda spec: f"noise {spec.norm}, {spec.steps} draws"))
 
     # adcorda_jax/attacks/specs.py: one more name in the import of the registering modules
-    from adcorda_jax.attacks import apgd, correction, pgd, square  # noqa: F401
+    from adcorda_jax.attacks import apgd, correction, ..., noise  # noqa: F401
 
-It is then valid in `robustness.attacks="pgd,square"` and `evaluate.attacks`, reads
-`robustness.square.steps`, runs through `AttackSpec.run` and the split driver, and is labelled in
+It is then valid in `robustness.attacks="pgd,noise"` and `evaluate.attacks`, reads
+`robustness.noise.steps`, runs through `AttackSpec.run` and the split driver, and is labelled in
 reports by `describe`. An attack's settings are `AttackSpec` fields: `read` fills the ones it uses
 and leaves the others at their defaults, so an unrelated key never changes a run's fingerprint.
-A setting no field holds yet (FAB's target classes, Square's p_init) means a new `AttackSpec`
-field, and since `AttackSpec.as_dict()` is the fingerprint of saved runs, that changes every
-existing fingerprint unless the comparison learns to ignore fields left at their defaults.
+A setting no field holds yet means a new `AttackSpec` field; list it in `specs._OMITTED_AT_DEFAULT`
+so that `AttackSpec.as_dict()`, the fingerprint of saved runs, leaves it out at its default and
+runs saved before it existed still resume (as for AutoAttack's target_classes, p_init, ...).
+An attack that must drive a whole split itself (autoattack re-batches each component's
+survivors) registers `run_split` as well.
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ class AttackMethod:
     describe: spec -> a short human label for reports.
     targets_true_label: success means "now classified right" (correction) instead of "now
       wrong" (the untargeted attacks of robustness evaluation).
+    min_classes: the fewest classes the attack is defined for (DLR needs 3, targeted DLR 4);
+      the split driver checks it once, with a one-line error.
+    run_split: runs a whole split instead of the driver's batch loop (autoattack, which
+      re-batches the survivors of each component); same arguments and result as `attack_split`.
   """
   name: str
   section: str
@@ -76,6 +82,8 @@ class AttackMethod:
   run: Runner
   describe: Callable[["AttackSpec"], str]
   targets_true_label: bool = False
+  min_classes: int = 2
+  run_split: Callable[..., Any] | None = None
 
 
 ATTACKS: Registry[AttackMethod] = Registry("attack")

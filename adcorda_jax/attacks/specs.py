@@ -27,8 +27,9 @@ import ml_collections
 
 from adcorda_jax import config_checks
 # Importing these registers the built-in attacks, in the order errors list them: fgsm and pgd
-# (pgd.py, which the other two import first), apgd_ce, correct.
-from adcorda_jax.attacks import pgd, apgd, correction  # noqa: F401
+# (pgd.py, which the others import first), apgd_ce, apgd_dlr, apgd_t, correct, fab_t, square,
+# autoattack.
+from adcorda_jax.attacks import pgd, apgd, correction, fab, square_attack, ensemble  # noqa: F401
 from adcorda_jax.attacks import norms
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
 from adcorda_jax.attacks.pgd import as_budget
@@ -61,8 +62,16 @@ class AttackSpec:
     step_size_factor: pgd/correct relative step rule (used when step_size is 0).
     restarts: pgd/apgd_ce runs from fresh random starts for still-unbroken examples.
     random_start: pgd/correct start uniformly in the ball (apgd_ce always does, fgsm never).
-    rho, momentum: apgd_ce checkpoint threshold and momentum (Croce & Hein's 0.75, 0.75).
+    rho, momentum: APGD checkpoint threshold and momentum (Croce & Hein's 0.75, 0.75).
     early_stop: an example stops moving once successful (same accuracy, less work).
+    target_classes: apgd_t/fab_t attack the top-k classes other than the true one, one run each
+      (AutoAttack's 9; capped at classes - 1).
+    p_init: square's initial fraction of pixels changed per query (AutoAttack's 0.8).
+    alpha_max, eta, beta: fab_t's extrapolation bound, overshoot and backward step (0.1, 1.05,
+      0.9 as in the reference).
+    components: autoattack's attacks, in the order they run, each on the survivors of the
+      previous ones.
+    For square, `steps` counts queries (forward passes) instead of gradient steps.
   """
   name: str
   norm: str = "linf"
@@ -74,6 +83,12 @@ class AttackSpec:
   rho: float = 0.75
   momentum: float = 0.75
   early_stop: bool = True
+  target_classes: int = 9
+  p_init: float = 0.8
+  alpha_max: float = 0.1
+  eta: float = 1.05
+  beta: float = 0.9
+  components: tuple["AttackSpec", ...] = ()
 
   def __post_init__(self):
     check_spec_fields(self, "attack")
@@ -93,7 +108,19 @@ class AttackSpec:
     return self.method.describe(self)
 
   def as_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields as JSON-ready data: the fingerprint of saved attack runs.
+
+    Fields added with AutoAttack appear only when they differ from their defaults, so runs saved
+    before they existed (pgd, apgd_ce, correct) keep their fingerprints and still resume.
+    """
+    record = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name in _OMITTED_AT_DEFAULT and value == field.default:
+        continue
+      record[field.name] = ([c.as_dict() for c in value] if field.name == "components"
+                            else value)
+    return record
 
   def step_size_for(self, eps: jax.Array) -> jax.Array:
     """The pgd/correct step size for budget `eps` (see the module docstring)."""
@@ -109,6 +136,11 @@ class AttackSpec:
     so this is cheap to call per batch, also under `jax.jit` with every array traced.
     """
     return self.method.run(self, logits_fn, params, x, labels, key, as_budget(eps, x.shape[0]))
+
+
+# Fields that joined AttackSpec after runs were first saved (see `AttackSpec.as_dict`).
+_OMITTED_AT_DEFAULT = frozenset(
+    {"target_classes", "p_init", "alpha_max", "eta", "beta", "components"})
 
 
 def _fail(key: str, requirement: str, value: Any) -> None:
@@ -136,7 +168,7 @@ def check_spec_fields(spec: AttackSpec, prefix: str) -> None:
   if spec.norm not in norms.NORMS:
     raise ConfigError(f"{prefix}.norm={spec.norm!r} is not valid; choose one of: "
                       f"{', '.join(norms.NORMS)}")
-  for field in ("steps", "restarts"):
+  for field in ("steps", "restarts", "target_classes"):
     value = getattr(spec, field)
     if not _is_int(value) or value <= 0:
       _fail(f"{prefix}.{field}", "an integer > 0", value)
@@ -151,6 +183,19 @@ def check_spec_fields(spec: AttackSpec, prefix: str) -> None:
   for field in ("random_start", "early_stop"):
     if not isinstance(getattr(spec, field), bool):
       _fail(f"{prefix}.{field}", "True or False", getattr(spec, field))
+  for field in ("p_init", "alpha_max", "beta"):
+    value = getattr(spec, field)
+    if not _is_number(value) or not 0 < value <= 1:
+      _fail(f"{prefix}.{field}", "a number in (0, 1]", value)
+  if not _is_number(spec.eta) or spec.eta < 1:
+    _fail(f"{prefix}.eta", "a finite number >= 1", spec.eta)
+  if not isinstance(spec.components, tuple) or not all(
+      isinstance(c, AttackSpec) for c in spec.components):
+    _fail(f"{prefix}.components", "a tuple of AttackSpecs", spec.components)
+  for component in spec.components:
+    if component.norm != spec.norm or component.components or component.targets_true_label:
+      _fail(f"{prefix}.components", f"untargeted {spec.norm} attacks (no ensembles)",
+            component.name)
 
 
 def spec_from_config(name: str, norm: str, section: ml_collections.ConfigDict | None,
@@ -166,7 +211,11 @@ def spec_from_config(name: str, norm: str, section: ml_collections.ConfigDict | 
   if name not in ATTACKS:
     raise _unknown_attack(name, "attack.name", attack_names())
   section = section if section is not None else ml_collections.ConfigDict()
-  return AttackSpec(name=name, norm=norm, **ATTACKS.get(name).read(section, prefix))
+  fields = ATTACKS.get(name).read(section, prefix)
+  # An ensemble's components attack in its norm.
+  fields["components"] = tuple(dataclasses.replace(c, norm=norm)
+                               for c in fields.get("components", ()))
+  return AttackSpec(name=name, norm=norm, **fields)
 
 
 def attacks_from_config(section: ml_collections.ConfigDict, prefix: str,

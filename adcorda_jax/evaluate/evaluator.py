@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adcorda_jax.attacks import flags as flags_lib
 from adcorda_jax.attacks.eps import eps_dir_tag, eps_key, eps_label
 from adcorda_jax.attacks.driver import attack_split
 from adcorda_jax.attacks.model_fn import attack_model
@@ -176,6 +177,7 @@ class Evaluator:
     else:
       logits_fn, params = attack_model(self.model, variables)
     robust: dict[str, dict[str, float]] = {}
+    outcomes = []
     for spec in self.attack_specs:
       for eps in self.eps:
         result = attack_split(
@@ -185,6 +187,14 @@ class Evaluator:
             description=f"{label} {spec.name} eps={eps_label(eps)}",
             batch_size_key="evaluate.batch_size")
         robust.setdefault(spec.name, {})[eps_key(eps)] = result.robust_accuracy
+        outcomes.append((spec.name, eps, result))
+        if result.details and "cascade" in result.details:
+          outputs.setdefault("cascade", {}).setdefault(spec.name, {})[eps_key(eps)] = (
+              result.details["cascade"])
     outputs["robust_accuracy"] = robust
     outputs["robust_examples"] = count
+    # AutoAttack's sanity checks, on the network as the attacks see it (STE/BPDA if quantized).
+    outputs["flags"] = flags_lib.report_flags(
+        flags_lib.model_flags(logits_fn, params, images, labels),
+        flags_lib.split_square_gains(outcomes), label)
     return stage.finish(outputs)

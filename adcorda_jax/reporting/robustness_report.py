@@ -54,6 +54,8 @@ def robustness_markdown(results: dict[str, Any]) -> str:
         f"{_percent(record['robust_accuracy'])} | {_percent(record['success_rate'])} | "
         f"{_number(record['mean_perturbation_norm'])} | {record['mean_steps']:.1f} | "
         f"{record['seconds']:.1f} |")
+  lines += cascade_markdown(records)
+  lines += flags_markdown(results.get("flags"))
   lines += ["", "Attacks:"]
   lines += [f"- `{attack}`: {description}"
             for attack, description in results["attack_descriptions"].items()]
@@ -67,6 +69,37 @@ def robustness_markdown(results: dict[str, Any]) -> str:
       "",
   ]
   return "\n".join(lines)
+
+
+def cascade_markdown(records: list[dict[str, Any]]) -> list[str]:
+  """AutoAttack's cascade per eps: what each attack broke, the accuracy after it, seconds."""
+  cascades = [r for r in records if r.get("cascade")]
+  if not cascades:
+    return []
+  lines = ["", "AutoAttack, attack by attack (each on the points still robust):", "",
+           "| eps | attack | attacked | broken | robust accuracy after | seconds |",
+           "|---|---|---:|---:|---:|---:|"]
+  for record in cascades:
+    for step in record["cascade"]:
+      lines.append(f"| {eps_label(record['eps'])} | {step['attack']} | {step['attacked']} | "
+                   f"{step['broken']} | {_percent(step['robust_accuracy'])} | "
+                   f"{step['seconds']:.1f} |")
+  return lines
+
+
+def flags_markdown(flags: dict[str, Any] | None) -> list[str]:
+  """AutoAttack's sanity checks as a short list, warnings first."""
+  if not flags:
+    return []
+  lines = ["", f"Sanity checks (on {flags['checked_examples']} points):", ""]
+  lines += [f"- **Warning**: {warning}." for warning in flags["warnings"]]
+  lines += [f"- probability-like outputs: {'yes' if flags['probability_outputs'] else 'no'}; "
+            f"randomized: {'yes' if flags['randomized'] else 'no'}; all-zero input gradients: "
+            f"{flags['zero_gradient_fraction']:.1%} of points"]
+  if flags.get("square_gain"):
+    gains = ", ".join(f"{k}: {100 * v:.2f}%" for k, v in flags["square_gain"].items())
+    lines.append(f"- points only Square broke, by eps: {gains}")
+  return lines
 
 
 def plot_robustness(results: dict[str, Any], path: str | Path) -> None:

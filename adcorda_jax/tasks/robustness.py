@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from adcorda_jax import config_checks, pipeline
-from adcorda_jax.attacks import norms
+from adcorda_jax.attacks import flags as flags_lib, norms
 from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.eps import eps_dir_tag, eps_key, eps_label
@@ -68,6 +68,7 @@ class RobustnessResults(TypedDict):
   worst_case_accuracy: dict[str, float]       # eps key -> correct under every attack.
   records: list[dict[str, Any]]               # One per (attack, eps).
   attack_descriptions: dict[str, str]
+  flags: dict[str, Any]                       # AutoAttack's sanity checks (attacks/flags.py).
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -102,12 +103,15 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
 
 
 def _record(spec: AttackSpec, result: SplitAttackResult) -> dict[str, Any]:
-  return {"attack": spec.name, "norm": spec.norm, "eps": result.eps,
-          "eps_label": eps_label(result.eps),
-          "robust_accuracy": result.robust_accuracy, "success_rate": result.success_rate,
-          "mean_perturbation_norm": result.mean_perturbation_norm,
-          "mean_steps": result.mean_steps, "seconds": result.seconds,
-          "resumed_batches": result.loaded_batches}
+  record = {"attack": spec.name, "norm": spec.norm, "eps": result.eps,
+            "eps_label": eps_label(result.eps),
+            "robust_accuracy": result.robust_accuracy, "success_rate": result.success_rate,
+            "mean_perturbation_norm": result.mean_perturbation_norm,
+            "mean_steps": result.mean_steps, "seconds": result.seconds,
+            "resumed_batches": result.loaded_batches}
+  if result.details and "cascade" in result.details:  # autoattack: each attack's share.
+    record["cascade"] = result.details["cascade"]
+  return record
 
 
 def run_robustness(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -155,8 +159,9 @@ def _evaluate(config: ml_collections.ConfigDict, run: pipeline.Run,
   logging.info("Robustness of %s on %d %s %s examples: attacks %s, eps %s, %d device(s).",
                meta["model"]["name"], count, dataset.name, settings.split,
                ", ".join(s.name for s in settings.specs), settings.eps, mesh.devices.size)
-  records, clean_accuracy = [], None
+  records, clean_accuracy, outcomes = [], None, []
   robust_to_all: dict[str, np.ndarray] = {}  # eps key -> [N] bool, correct under every attack.
+  model_flags = flags_lib.model_flags(logits_fn, params, images, labels)
   for spec in settings.specs:
     for eps in settings.eps:
       tag = eps_dir_tag(eps)
@@ -169,6 +174,7 @@ def _evaluate(config: ml_collections.ConfigDict, run: pipeline.Run,
       if clean_accuracy is None:
         clean_accuracy = result.clean_accuracy
       records.append(_record(spec, result))
+      outcomes.append((spec.name, eps, result))
       name = eps_key(eps)
       robust_to_all[name] = robust_to_all.get(name, result.final_correct) & result.final_correct
       logging.info("%s eps=%s: robust accuracy %.4f (clean %.4f), %.1f s", spec.name,
@@ -186,7 +192,9 @@ def _evaluate(config: ml_collections.ConfigDict, run: pipeline.Run,
       # Per eps, the fraction that every attack failed on (per example, as AutoAttack counts).
       worst_case_accuracy={k: float(np.mean(v)) for k, v in robust_to_all.items()},
       records=records,
-      attack_descriptions={spec.name: spec.describe() for spec in settings.specs}))
+      attack_descriptions={spec.name: spec.describe() for spec in settings.specs},
+      flags=flags_lib.report_flags(model_flags, flags_lib.split_square_gains(outcomes),
+                                   str(settings.checkpoint))))
   return run.finish(
       results, report=robustness_report.robustness_markdown(results),
       summary=f"clean accuracy {clean_accuracy:.4f}",
