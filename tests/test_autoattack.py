@@ -261,3 +261,36 @@ def test_one_and_four_devices_give_the_same_cascade(problem, tmp_path):
     np.testing.assert_array_equal(four["final_correct"], single.final_correct)
     np.testing.assert_array_equal(four["broken_by"], single.details["broken_by"])
     np.testing.assert_allclose(four["perturbation_norm"], single.perturbation_norm, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 16])
+def test_on_active_equals_the_full_batch_on_active_rows(batch):
+  from adcorda_jax.attacks import compaction
+
+  rng = np.random.default_rng(batch)
+  x = jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+
+  def fn(rows):
+    return {"y": jnp.tanh(rows["x"] @ weights), "n": rows["n"] * 2}
+
+  inputs = {"x": x, "n": jnp.arange(batch)}
+  full = fn(inputs)
+  run = jax.jit(lambda active: compaction.on_active(fn, active, inputs))
+  # Every count, so each bucket (and its boundaries) is used, with active rows spread out.
+  for count in range(batch + 1):
+    active = np.zeros(batch, bool)
+    active[rng.permutation(batch)[:count]] = True
+    out = run(jnp.asarray(active))
+    np.testing.assert_array_equal(np.asarray(out["n"])[active], np.asarray(full["n"])[active])
+    np.testing.assert_allclose(np.asarray(out["y"])[active], np.asarray(full["y"])[active],
+                               atol=1e-6)  # Fused differently under jit: float rounding.
+  assert compaction.bucket_sizes(500) == (500, 250, 125, 63)
+
+
+def test_survivors_are_rebatched_into_few_equal_batches_whatever_the_device_count():
+  size = ensemble.survivor_batch_size
+  assert [size(280, 500, d) for d in (1, 2, 4)] == [280, 280, 280]
+  assert size(1000, 500, 1) == 500 and size(501, 500, 1) == 252
+  assert [size(280, 256, d) for d in (1, 4)] == [192, 192]  # 2 batches of 140, multiples of 64.
+  assert size(3, 16, 4) == 16

@@ -34,7 +34,7 @@ import numpy as np
 
 from adcorda_jax import config_checks
 from adcorda_jax.attacks.compile import attack_jit
-from adcorda_jax.attacks import norms, validation
+from adcorda_jax.attacks import compaction, norms, validation
 from adcorda_jax.attacks.losses import (AttackResult, LogitsFn, dlr_loss, is_success,
                                         loss_and_grad, objective_from_logits, pick_per_example,
                                         ranked_class, targeted_dlr_loss)
@@ -72,17 +72,24 @@ def checkpoint_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def apgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
              start: jax.Array, frozen: jax.Array, eps: jax.Array, rho: jax.Array,
-             momentum: jax.Array, *, steps: int, norm: str, early_stop: bool,
-             objective_fn: Callable[[jax.Array], jax.Array] | None = None,
-             ) -> tuple[jax.Array, jax.Array]:
+             momentum: jax.Array, *, steps: int, norm: str, early_stop: bool, loss: str = "ce",
+             targets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One APGD run from `start`: (adversarial, steps until first success or `steps`).
 
-  `objective_fn(logits) -> [N]` is what is ascended (default: the cross-entropy of `labels`).
+  Ascends `loss` (one of LOSSES; dlr_targeted toward `targets`). With `early_stop`, each step
+  evaluates only the examples still unbroken (`compaction.on_active`).
   """
-  if objective_fn is None:
-    objective_fn = lambda logits: objective_from_logits(logits, labels, False)  # noqa: E731
+  targets = labels if targets is None else targets
+
+  def evaluate(points, active):
+    def batch_loss(batch):
+      objective = loss_objective(loss, batch["labels"], batch["targets"])
+      return loss_and_grad(objective, logits_fn, params, batch["points"])
+    return compaction.on_active(batch_loss, active,
+                                {"points": points, "labels": labels, "targets": targets})
+
   is_checkpoint, interval = (jnp.asarray(a) for a in checkpoint_schedule(steps))
-  objective, logits, grad = loss_and_grad(objective_fn, logits_fn, params, start)
+  objective, logits, grad = evaluate(start, jnp.ones(labels.shape, bool))
   hit = frozen | is_success(logits, labels, False)
 
   def active(hit):
@@ -100,7 +107,9 @@ def apgd_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array,
     candidate = norms.project(current + weight * (target - current)
                               + (1.0 - weight) * (current - state["previous"]), x, eps, norm)
     new = pick_per_example(moving, candidate, current)
-    objective, logits, grad = loss_and_grad(objective_fn, logits_fn, params, new)
+    # Rows of examples not moving may come back as zeros: they are masked below (`hit` ones
+    # return their first successful point, frozen ones their start).
+    objective, logits, grad = evaluate(new, moving)
 
     newly = is_success(logits, labels, False) & ~state["hit"]
     hit = state["hit"] | newly
@@ -164,8 +173,7 @@ def _apgd(logits_fn, params, x, labels, key, eps, rho, momentum, *, steps, norm,
       targets = ranked_class(clean_logits, 1 + index // restarts)
     start = pick_per_example(frozen, adversarial, norms.random_start(run_key, x32, eps, norm))
     return apgd_run(logits_fn, params, x32, labels, start, frozen, eps, rho, momentum,
-                    steps=steps, norm=norm, early_stop=early_stop,
-                    objective_fn=loss_objective(loss, labels, targets))
+                    steps=steps, norm=norm, early_stop=early_stop, loss=loss, targets=targets)
 
   attempts = restarts * (target_classes if loss == "dlr_targeted" else 1)
   result = run_restarts(run_once, logits_fn, params, x32, labels, key, restarts=attempts,

@@ -6,8 +6,10 @@ list of untargeted attacks. A point counts as robust only if every attack failed
 
 Over a split (`attack_split` with an `autoattack` spec) each attack is an ordinary resumable
 `attack_split` run, in its own folder, on the points still robust after the previous attacks,
-re-batched into full batches of the configured size: the cost falls with the survivors instead of
-running masked full batches. Attack j uses `fold_in(key, j)`, so the cascade is deterministic from
+re-batched into as few batches of at most the configured size as hold them (equal sizes, so 280
+survivors with batch 500 are one batch of 280): the cost falls with the survivors instead of
+running masked full batches. Inside each attack's loop, only the points still unbroken are
+evaluated (`compaction.on_active`). Attack j uses `fold_in(key, j)`, so the cascade is deterministic from
 the seed and resumes per (attack, batch). The result carries the cascade: robust accuracy after
 each attack, the points each one broke, and its seconds.
 
@@ -20,7 +22,7 @@ components/<j>_<attack>/ (each an `attack_split` folder).
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +95,20 @@ def _describe(spec: AttackSpec) -> str:
   return f"autoattack {'standard' if standard else 'custom'} {spec.norm}: {names}"
 
 
+def survivor_batch_size(count: int, batch_size: int, devices: int) -> int:
+  """The batch for `count` points: as few batches of at most `batch_size` as hold them, of equal
+  size rounded up to a multiple of gcd(batch_size, 64) (and of `devices`).
+
+  The multiple depends on the configured batch only (whenever it is a multiple of the device
+  count, as for 1, 2 or 4 devices and a batch of 500 or 256), so the batches, and with them the
+  random draws, are the same on any such number of devices.
+  """
+  multiple = math.lcm(math.gcd(batch_size, 64), devices)
+  batches = -(-count // batch_size)
+  size = -(-count // batches)
+  return min(-(-size // multiple) * multiple, batch_size)
+
+
 def _cascade_record(component: AttackSpec, attacked: int, broken: int, robust: int,
                     total: int, seconds: float) -> dict[str, Any]:
   return {"attack": component.name, "description": component.describe(), "attacked": attacked,
@@ -132,7 +148,7 @@ def autoattack_split(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images:
       continue
     result = driver.attack_split(
         component, logits_fn, params, images[rows], labels[rows], eps=eps,
-        batch_size=batch_size, key=jax.random.fold_in(key, index), mesh=mesh,
+        batch_size=survivor_batch_size(len(rows), batch_size, mesh.devices.size), key=jax.random.fold_in(key, index), mesh=mesh,
         out_dir=None if components_dir is None else components_dir / f"{index}_{component.name}",
         save_adversarial=save_adversarial,
         description=f"{description} [{index + 1}/{len(spec.components)} {component.name}]",

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from adcorda_jax import config_checks
-from adcorda_jax.attacks import norms, validation
+from adcorda_jax.attacks import compaction, norms, validation
 from adcorda_jax.attacks.compile import attack_jit
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn, is_success, pick_per_example
 from adcorda_jax.attacks.pgd import as_budget, run_restarts
@@ -252,7 +252,8 @@ def square_run(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array
     size = window_size(p_init / divisors[iteration], height, width, norm)
     candidate = candidate_fn(jax.random.fold_in(loop_key, iteration), x, best, eps, size)
     candidate = norms.project(candidate, x, eps, norm)
-    logits = logits_fn(params, candidate)
+    # Only the examples still unbroken are evaluated (bucketed); the others are ignored below.
+    logits = compaction.on_active(lambda batch: logits_fn(params, batch), ~done, candidate)
     success = is_success(logits, labels, False)
     candidate_margin = margin(logits, labels)
     accept = ~done & ((candidate_margin < best_margin) | success)
