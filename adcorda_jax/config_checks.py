@@ -50,6 +50,15 @@ def fraction(config: ml_collections.ConfigDict, key: str, prefix: str,
   return value
 
 
+def unit_fraction(config: ml_collections.ConfigDict, key: str, prefix: str,
+                  default: float | None = None) -> float:
+  """Returns `config[key]` if it lies in (0, 1] (a step factor, momentum or share that must act)."""
+  value = positive_float(config, key, prefix, default)
+  if value > 1:
+    raise ConfigError(f"{prefix}.{key} must be in (0, 1], got {value!r}")
+  return value
+
+
 def one_of(config: ml_collections.ConfigDict, key: str, prefix: str, choices: Sequence[str],
            default: str | None = None) -> str:
   """Returns `config[key]` if it is one of `choices`."""

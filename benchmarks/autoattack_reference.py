@@ -10,6 +10,7 @@ becomes a dependency of the project), then a comparison:
     /tmp/torchvenv/bin/python benchmarks/autoattack_reference.py reference --dir /tmp/aa \\
         --eps 8 --examples 200
     python benchmarks/autoattack_reference.py compare --dir /tmp/aa
+    python benchmarks/autoattack_reference.py flags --dir /tmp/aa   # float and 2-bit networks
 
 `export` ports the checkpoint's small_cnn (BatchNorm in eval mode) to a PyTorch state dict
 (`model.npz`) and writes the first N test images, labels and the JAX logits (`data.npz`).
@@ -143,6 +144,56 @@ def project(args: argparse.Namespace) -> None:
             flush=True)
 
 
+def flags(args: argparse.Namespace) -> None:
+  """AutoAttack's sanity flags for the float network and 2-bit quantized ones (STE and BPDA).
+
+  The Square check runs a short custom cascade (APGD-CE, then Square with --queries queries)
+  at --eps/255 on the first --examples points.
+  """
+  import jax
+
+  from adcorda_jax.attacks import attack_model, driver, ensemble, flags as flags_lib
+  from adcorda_jax.quant.calibration import calibrate_activations
+  from adcorda_jax.quant.fake_quant import QuantSpec
+  from adcorda_jax.quant.quantized_model import quantized_logits_fn
+  from adcorda_jax.training import checkpointing, sharding
+
+  out = Path(args.dir)
+  meta = _load_json(out / "meta.json")
+  variables, checkpoint_meta = checkpointing.load_checkpoint(meta["checkpoint"])
+  model = checkpointing.model_from_meta(checkpoint_meta)
+  with np.load(out / "data.npz") as data:
+    images, labels = data["images"][:args.examples], data["labels"][:args.examples]
+  two_bits = QuantSpec(bits=2, per_channel=True, symmetric=True)
+  activations = QuantSpec(bits=2, per_channel=False, symmetric=False)
+  activation_scales = calibrate_activations(model, variables, [images], activations, "minmax")
+  networks = {"float": attack_model(model, variables)[0]}
+  for gradient in ("ste", "bpda"):
+    networks[f"w2 {gradient}"] = quantized_logits_fn(model, two_bits,
+                                                    straight_through=gradient == "ste")
+    networks[f"w2a2 {gradient}"] = quantized_logits_fn(
+        model, two_bits, activation_scales=activation_scales, activation_spec=activations,
+        straight_through=gradient == "ste")
+  spec = ensemble.autoattack_spec("linf", "custom", "apgd_ce,square",
+                                  {"square": {"queries": args.queries}})
+  records = {}
+  for name, logits_fn in networks.items():
+    checks = flags_lib.model_flags(logits_fn, variables, images, labels)
+    result = driver.attack_split(spec, logits_fn, variables, images, labels, eps=args.eps / 255,
+                                 batch_size=len(labels), key=jax.random.key(0),
+                                 mesh=sharding.make_mesh())
+    reported = flags_lib.report_flags(
+        checks, flags_lib.split_square_gains([("autoattack", args.eps / 255, result)]), name)
+    reported.update(clean_accuracy=result.clean_accuracy, robust_accuracy=result.robust_accuracy,
+                    cascade=result.details["cascade"])
+    records[name] = reported
+    print(f"{name}: clean {result.clean_accuracy:.3f}, robust {result.robust_accuracy:.3f}, "
+          f"zero-gradient points {checks['zero_gradient_fraction']:.1%}, square gain "
+          f"{next(iter(reported['square_gain'].values()), 0.0):.1%}, warnings: "
+          f"{reported['warnings'] or 'none'}", flush=True)
+  _write_json(out / "flags.json", records)
+
+
 # ---------------------------------------------------------------- reference side (PyTorch)
 
 
@@ -253,7 +304,7 @@ def compare(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  for name in ("export", "project", "reference", "compare"):
+  for name in ("export", "project", "reference", "compare", "flags"):
     command = commands.add_parser(name)
     command.add_argument("--dir", required=True, help="folder for the exported model and results")
     if name == "export":
@@ -265,9 +316,13 @@ def main(argv: list[str] | None = None) -> None:
       command.add_argument("--examples", type=int, default=1000,
                            help="attack the first N exported examples")
       command.add_argument("--batch-size", type=int, default=500)
+    if name == "flags":
+      command.add_argument("--examples", type=int, default=100)
+      command.add_argument("--eps", type=float, default=8.0, help="in 1/255")
+      command.add_argument("--queries", type=int, default=1000, help="Square's queries")
   args = parser.parse_args(argv)
-  {"export": export, "project": project, "reference": reference, "compare": compare}[
-      args.command](args)
+  {"export": export, "project": project, "reference": reference, "compare": compare,
+   "flags": flags}[args.command](args)
 
 
 if __name__ == "__main__":

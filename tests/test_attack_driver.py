@@ -190,7 +190,7 @@ def test_specs_from_config_validate_once_with_the_config_keys():
        "robustness.pgd.steps must be an integer > 0, got 0"),
       (lambda: specs.spec_from_config(
           "apgd_ce", "linf", ml_collections.ConfigDict({"rho": 1.5}), "robustness.apgd"),
-       "robustness.apgd.rho must be in [0, 1], got 1.5"),
+       "robustness.apgd.rho must be in (0, 1], got 1.5"),
       (lambda: specs.parse_attack_names("pgd,apgd", "robustness.attacks", specs.UNTARGETED),
        "unknown attack 'apgd' (robustness.attacks); valid names: fgsm, pgd, apgd_ce, apgd_dlr, "
        "apgd_t, fab_t, square, autoattack"),

@@ -92,7 +92,7 @@ def test_attacks_from_config_builds_what_the_tasks_build(fields, prefix, default
     ({"attacks": "pgd,pgd"}, "robustness.attacks='pgd,pgd' names an attack twice"),
     ({"norm": "l1"}, "robustness.norm='l1' is not valid; choose one of: linf, l2"),
     ({"attacks": "apgd_ce", "apgd": {"rho": 1.5}},
-     "robustness.apgd.rho must be in [0, 1], got 1.5"),
+     "robustness.apgd.rho must be in (0, 1], got 1.5"),
     ({"pgd": {"random_start": 1}}, "robustness.pgd.random_start must be True or False, got 1"),
 ])
 def test_attacks_from_config_errors_are_one_line_and_name_the_key(fields, message):

@@ -9,17 +9,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import linprog, minimize
-from sklearn.datasets import load_digits
 
 from adcorda_jax import attacks
 from adcorda_jax.attacks import fab, norms, specs
 from adcorda_jax.errors import ConfigError
-from adcorda_jax.models import create_model
 from tests.helpers import one_line
+from tests.test_attacks import TrainedCNN
 
 TOLERANCE = 1e-6
 KEY = jax.random.key(0)
@@ -321,47 +319,6 @@ def test_per_example_eps_and_the_curve_equal_separate_runs():
 
 # ---------------------------------------------------------------------------------------------
 # A small CNN trained on digits.
-
-
-class TrainedCNN:
-  """A width-0.25 small_cnn trained for 100 Adam steps on digits, plus 128 held-out digits."""
-
-  def __init__(self):
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]
-    labels = digits.target.astype(np.int32)
-    self.model = create_model(ml_collections.ConfigDict({"name": "small_cnn", "width": 0.25}),
-                              10, (0.5,), (0.25,))
-    self.variables = self._train(images[:1500], labels[:1500])
-    self.x, self.labels = jnp.asarray(images[1500:1628]), jnp.asarray(labels[1500:1628])
-    self.logits_fn = lambda variables, x: self.model.apply(variables, x, train=False)
-
-  def _train(self, images, labels):
-    variables = self.model.init(jax.random.key(0), images[:1])
-    tx = optax.adam(1e-2)
-
-    @jax.jit
-    def step(variables, opt_state, x, y):
-      def loss_fn(params):
-        logits, updates = self.model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-            mutable=["batch_stats"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-      grads, updates = jax.grad(loss_fn, has_aux=True)(variables["params"])
-      deltas, opt_state = tx.update(grads, opt_state)
-      params = optax.apply_updates(variables["params"], deltas)
-      return {"params": params, "batch_stats": updates["batch_stats"]}, opt_state
-
-    opt_state = tx.init(variables["params"])
-    rng = np.random.default_rng(0)
-    for _ in range(100):
-      batch = rng.choice(len(images), 64, replace=False)
-      variables, opt_state = step(variables, opt_state, images[batch], labels[batch])
-    return variables
-
-  def predictions(self, x):
-    return np.asarray(jnp.argmax(self.logits_fn(self.variables, x), -1))
 
 
 @pytest.fixture(scope="module")

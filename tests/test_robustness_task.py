@@ -76,8 +76,12 @@ def test_run_reports_clean_and_robust_accuracy_with_artifacts(checkpoint, finish
   assert {"attack", "norm", "eps", "robust_accuracy", "mean_perturbation_norm", "mean_steps",
           "seconds"} <= set(saved["records"][0])
   assert saved["config"]["robustness"]["attacks"] == "pgd,apgd_ce"
+  # AutoAttack's sanity checks on a plain float CNN: computed, and quiet.
+  assert saved["flags"]["checked_examples"] == 80 and saved["flags"]["warnings"] == []
+  assert not saved["flags"]["probability_outputs"] and not saved["flags"]["randomized"]
   report = (workdir / "report.md").read_text()
   assert "| eps | pgd | apgd_ce | all attacks |" in report
+  assert "Sanity checks (on 80 points)" in report
   assert "| 8/255 (0.0314) |" in report and "| 0.15 |" in report
   arrays = np.load(workdir / "attacks" / "pgd_linf_eps8_255" / "arrays.npz")
   assert arrays["success"].shape == (80,) and "adversarial" not in arrays.files

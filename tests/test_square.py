@@ -235,7 +235,8 @@ def test_the_registry_entry_reads_runs_and_describes_square():
              norm="l2", p_init=0.5))
   for key, value, message in (
       ("queries", 0, "robustness.square.queries must be an integer > 0, got 0"),
-      ("p_init", 1.5, "robustness.square.p_init must be in [0, 1], got 1.5"),
+      ("p_init", 1.5, "robustness.square.p_init must be in (0, 1], got 1.5"),
+      ("p_init", 0.0, "robustness.square.p_init must be"),  # Named by its config key.
       ("restarts", 1.0, "robustness.square.restarts must be an integer > 0, got 1.0")):
     with pytest.raises(ConfigError) as error:
       specs.spec_from_config("square", "linf", ml_collections.ConfigDict({key: value}),

@@ -252,9 +252,8 @@ _LOSS_OF = {"apgd_ce": "ce", "apgd_dlr": "dlr", "apgd_t": "dlr_targeted"}
 def _read_apgd(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
   return {"steps": config_checks.positive_int(section, "steps", prefix, default=100),
           "restarts": config_checks.positive_int(section, "restarts", prefix, default=1),
-          "rho": config_checks.fraction(section, "rho", prefix, default=0.75, allow_one=True),
-          "momentum": config_checks.fraction(section, "momentum", prefix, default=0.75,
-                                             allow_one=True),
+          "rho": config_checks.unit_fraction(section, "rho", prefix, default=0.75),
+          "momentum": config_checks.unit_fraction(section, "momentum", prefix, default=0.75),
           "early_stop": read_flag(section, "early_stop", prefix, default=True)}
 
 

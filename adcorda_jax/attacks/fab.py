@@ -261,15 +261,6 @@ def fab_t(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
 # The registry entry (see `adcorda_jax.attacks.registry`); its settings live in section `fab`.
 
 
-def _unit_fraction(section: ml_collections.ConfigDict, key: str, prefix: str,
-                   default: float) -> float:
-  """`section[key]` if it is a number in (0, 1]."""
-  value = config_checks.positive_float(section, key, prefix, default=default)
-  if value > 1:
-    raise ConfigError(f"{prefix}.{key} must be in (0, 1], got {value!r}")
-  return value
-
-
 def _read_fab(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
   eta = config_checks.positive_float(section, "eta", prefix, default=1.05)
   if eta < 1:
@@ -278,9 +269,9 @@ def _read_fab(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]
           "restarts": config_checks.positive_int(section, "restarts", prefix, default=1),
           "target_classes": config_checks.positive_int(section, "target_classes", prefix,
                                                        default=9),
-          "alpha_max": _unit_fraction(section, "alpha_max", prefix, default=0.1),
+          "alpha_max": config_checks.unit_fraction(section, "alpha_max", prefix, default=0.1),
           "eta": eta,
-          "beta": _unit_fraction(section, "beta", prefix, default=0.9)}
+          "beta": config_checks.unit_fraction(section, "beta", prefix, default=0.9)}
 
 
 def _run_fab(spec: AttackSpec, logits_fn: LogitsFn, params: Any, x: jax.Array,

@@ -44,6 +44,9 @@ def model_flags(logits_fn: LogitsFn, params: Any, images: np.ndarray, labels: np
   The gradient is that of the cross-entropy of the true label, through `logits_fn` as the
   attacks see it (for a quantized network: its STE or BPDA path).
   """
+  if len(images) == 0:  # Nothing to check (an empty split).
+    return {"checked_examples": 0, "probability_outputs": False, "randomized": False,
+            "output_difference": 0.0, "zero_gradient_fraction": 0.0}
   x = jnp.asarray(images[:max_examples], jnp.float32)
   y = jnp.asarray(labels[:max_examples], jnp.int32)
   first, gradient_size = jax.jit(_outputs_and_gradient, static_argnums=0)(logits_fn, params, x, y)

@@ -308,8 +308,7 @@ def square(logits_fn: LogitsFn, params: Any, x: jax.Array, labels: jax.Array, *,
 
 def _read_square(section: ml_collections.ConfigDict, prefix: str) -> dict[str, Any]:
   return {"steps": config_checks.positive_int(section, "queries", prefix, default=5000),
-          "p_init": config_checks.fraction(section, "p_init", prefix, default=0.8,
-                                           allow_one=True),
+          "p_init": config_checks.unit_fraction(section, "p_init", prefix, default=0.8),
           "restarts": config_checks.positive_int(section, "restarts", prefix, default=1)}
 
 
