@@ -37,6 +37,11 @@ def _outputs_and_gradient(logits_fn: LogitsFn, params: Any, x: jax.Array,
   return logits, jnp.sum(jnp.abs(grad.reshape(len(x), -1)), axis=1)
 
 
+# Module-level programs, one compile per logits_fn (a static argument), reused by every evaluation.
+_outputs_and_gradient_jit = jax.jit(_outputs_and_gradient, static_argnums=0)
+_logits_jit = jax.jit(lambda logits_fn, params, x: logits_fn(params, x), static_argnums=0)
+
+
 def model_flags(logits_fn: LogitsFn, params: Any, images: np.ndarray, labels: np.ndarray,
                 max_examples: int = FLAG_EXAMPLES) -> dict[str, Any]:
   """Probability-like outputs, randomness and zero gradients on the first `max_examples`.
@@ -49,9 +54,9 @@ def model_flags(logits_fn: LogitsFn, params: Any, images: np.ndarray, labels: np
             "output_difference": 0.0, "zero_gradient_fraction": 0.0}
   x = jnp.asarray(images[:max_examples], jnp.float32)
   y = jnp.asarray(labels[:max_examples], jnp.int32)
-  first, gradient_size = jax.jit(_outputs_and_gradient, static_argnums=0)(logits_fn, params, x, y)
-  # A second, separately compiled evaluation, as a randomized model would answer differently.
-  second = jax.jit(lambda p, inputs: logits_fn(p, inputs))(params, x)
+  first, gradient_size = _outputs_and_gradient_jit(logits_fn, params, x, y)
+  # A second evaluation in a separate program, as a randomized model would answer differently.
+  second = _logits_jit(logits_fn, params, x)
   first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
 
   def normalized(outputs):
