@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   benchmark = config.benchmark = ml_collections.ConfigDict()
   benchmark.cases = "small_cnn/28x28x1/10/512,resnet20/32x32x3/100/256"
-  # autodiff, autodiff_tuned_xla, fast_vjp, fast_vjp_tuned_xla, adcorda (the library's path).
+  # autodiff, autodiff_tuned_xla, fast_vjp, fast_vjp_tuned_xla, adcorda_unfused (native
+  # convolutions, BatchNorm/ReLU left to XLA: the previous release), adcorda (the library's path).
   benchmark.implementations = "autodiff,autodiff_tuned_xla,fast_vjp,fast_vjp_tuned_xla,adcorda"
   benchmark.devices = (1, 2, 4)   # Device counts <= jax.device_count() are measured.
   benchmark.steps = 10

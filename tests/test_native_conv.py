@@ -1,6 +1,8 @@
 """The native CPU convolution: values equal XLA's, transforms and sharding work, fallbacks hold."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging as std_logging
 import os
 import subprocess
@@ -19,6 +21,7 @@ from jax import lax
 from adcorda_jax.models import fast_conv
 from adcorda_jax.native import build
 from adcorda_jax.native import conv2d as native_conv
+from adcorda_jax.native import tune
 
 REPO = Path(__file__).resolve().parents[1]
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -174,8 +177,10 @@ def test_sharded_batch_is_convolved_per_device(tmp_path):
 
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
-  """An empty kernel cache and a forgotten kernel, restored afterwards."""
+  """An empty kernel cache and a forgotten kernel, restored afterwards. The default variant is
+  forced (no tuning) unless a test removes $ADCORDA_NATIVE_VARIANT."""
   monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setenv(tune.VARIANT_ENV, tune.candidates(build._cpu_flags())[0].name)
   build.conv2d_kernel.cache_clear()
   yield tmp_path / "cache"
   build.conv2d_kernel.cache_clear()
@@ -223,8 +228,9 @@ def test_avx2_and_portable_builds_equal_xla(fresh_build, monkeypatch, march, lan
   if build._compiler() is None:
     pytest.skip("no C++ compiler on this machine")
   monkeypatch.setenv(build.MARCH_ENV, march)
+  monkeypatch.delenv(tune.VARIANT_ENV)  # Another CPU's build: the source's defaults, no tuning.
   kernel = build.conv2d_kernel()
-  assert kernel is not None and kernel.lanes == lanes
+  assert kernel is not None and kernel.lanes == lanes and kernel.variant == "default"
   keys = jax.random.split(jax.random.key(4), 2)
   x = jax.random.normal(keys[0], (3, 9, 21, 5))  # Wide enough for every pixel-block size.
   for kw, strides, padding in [(3, (1, 1), ((1, 1), (1, 1))), (2, (1, 1), ((1, 1), (0, 1))),
@@ -233,3 +239,75 @@ def test_avx2_and_portable_builds_equal_xla(fresh_build, monkeypatch, march, lan
     got = native_conv._ffi_conv(x, weights, strides, padding)
     np.testing.assert_allclose(got, _reference(x, weights, strides, padding), atol=1e-4,
                                rtol=1e-4, err_msg=f"{march} {kw} {strides} {padding}")
+
+
+def test_candidates_fit_each_instruction_set():
+  avx512 = tune.candidates("fpu sse2 avx2 fma avx512f avx512vl")
+  assert {v.vector_bits for v in avx512} == {512, 256} and all(v.registers == 32 for v in avx512)
+  avx2 = tune.candidates("fpu sse2 avx2 fma")
+  # 16 registers: two vectors of output channels x tap pixels + 6 kernel vectors + 1 broadcast.
+  assert all(v.vector_bits == 256 and 2 * v.tap_pixels2 + 7 <= 16 for v in avx2)
+  assert len(tune.candidates("fp asimd")) == 1  # Portable code: nothing to choose.
+  for variant in avx512 + avx2:
+    assert tune.variant_named(variant.name, "avx2 fma avx512f").name == variant.name
+
+
+def test_malformed_variant_name_is_a_one_line_error():
+  with pytest.raises(ValueError, match=r"ADCORDA_NATIVE_VARIANT='fast'.*zmm-t"):
+    tune.variant_named("fast", "avx512f")
+
+
+def test_each_block_size_comes_from_the_shapes_it_decides():
+  variants = tune.candidates("avx2 fma avx512f")
+  seconds = {v.name: [1.0] * len(tune.SHAPES) for v in variants}
+  one_vector = tune.DECIDES.index("tap_pixels1")
+  strided = tune.DECIDES.index("pixels")
+  seconds[variants[2].name][one_vector] = 0.1   # fastest 16-channel layers
+  seconds[variants[1].name][strided] = 0.5      # fastest strided layers
+  seconds[variants[3].name] = [9.0] * len(tune.SHAPES)  # the 256-bit build loses overall
+  chosen = tune.compose(seconds, variants)
+  assert chosen.vector_bits == 512
+  assert chosen.tap_pixels1 == variants[2].tap_pixels1
+  assert chosen.pixels == variants[1].pixels
+  assert chosen.tap_pixels2 == variants[0].tap_pixels2  # ties keep the first (the default)
+
+
+@pytest.mark.slow
+@needs_native
+def test_forced_variant_builds_and_computes_with_its_own_blocking(fresh_build, monkeypatch):
+  variant = dataclasses.replace(tune.candidates(build._cpu_flags())[0], tap_pixels1=5,
+                                tap_pixels2=3, pixels=2)
+  monkeypatch.setenv(tune.VARIANT_ENV, variant.name)
+  kernel = build.conv2d_kernel()
+  assert kernel.variant == variant.name
+  assert kernel.path == build.library_path(build._compiler(), variant)
+  assert kernel.library.adcorda_conv2d_cpu_tap_pixels(1) == 5
+  assert kernel.library.adcorda_conv2d_cpu_tap_pixels(2) == 3
+  keys = jax.random.split(jax.random.key(7), 2)
+  x = jax.random.normal(keys[0], (2, 7, 13, 6))
+  for strides in ((1, 1), (2, 2)):
+    weights = jax.random.normal(keys[1], (3, 3, 6, 2 * kernel.lanes))
+    got = native_conv._ffi_conv(x, weights, strides, ((1, 1), (1, 1)))
+    np.testing.assert_allclose(got, _reference(x, weights, strides, ((1, 1), (1, 1))),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_native
+def test_tuning_measures_once_and_caches_its_choice(fresh_build, monkeypatch):
+  monkeypatch.delenv(tune.VARIANT_ENV)
+  default = tune.candidates(build._cpu_flags())[0]
+  other = dataclasses.replace(default, tap_pixels1=6, tap_pixels2=4, pixels=4)
+  monkeypatch.setattr(tune, "candidates", lambda flags: (default, other))
+  kernel = build.conv2d_kernel()
+  records = list(fresh_build.glob("conv2d_cpu-tuning-*.json"))
+  assert len(records) == 1
+  record = json.loads(records[0].read_text())
+  assert set(record["seconds"]) == {default.name, other.name}
+  assert all(len(times) == len(tune.SHAPES) and min(times) > 0
+             for times in record["seconds"].values())
+  assert kernel.variant == record["variant"]
+  # Another process (here: a forgotten kernel) reads the choice instead of measuring again.
+  build.conv2d_kernel.cache_clear()
+  monkeypatch.setattr(tune, "measure", lambda libraries: pytest.fail("measured again"))
+  assert build.conv2d_kernel().variant == record["variant"]

@@ -27,13 +27,15 @@ class Implementation:
   """One way of running the same attack: the model function and the XLA options it compiles with.
 
   `fast_input_gradients` selects `frozen_logits_fn`'s custom convolution VJP, `native_kernels`
-  its native CPU convolution kernel; `xla_defaults` compiles with XLA's default options instead
-  of the attack programs' per-backend options.
+  its native CPU convolution kernel, `fuse_layers` the folded conv -> BatchNorm -> ReLU layers
+  with fused epilogues; `xla_defaults` compiles with XLA's default options instead of the attack
+  programs' per-backend options.
   """
   name: str
   fast_input_gradients: bool
   xla_defaults: bool
   native_kernels: bool = False
+  fuse_layers: bool = False
 
   def compiler_options(self, backend: str) -> dict[str, Any]:
     if self.xla_defaults:
@@ -49,8 +51,10 @@ IMPLEMENTATIONS = {
     "autodiff_tuned_xla": Implementation("autodiff_tuned_xla", False, False),
     "fast_vjp": Implementation("fast_vjp", fast_input_gradients=True, xla_defaults=True),
     "fast_vjp_tuned_xla": Implementation("fast_vjp_tuned_xla", True, False),
+    "adcorda_unfused": Implementation("adcorda_unfused", fast_input_gradients=True,
+                                      xla_defaults=False, native_kernels=True),
     "adcorda": Implementation("adcorda", fast_input_gradients=True, xla_defaults=False,
-                              native_kernels=True),
+                              native_kernels=True, fuse_layers=True),
 }
 
 

@@ -2,8 +2,11 @@
 
 Attacks treat the model as frozen (eval mode, running BatchNorm statistics). `attack_model`
 returns a logits function plus the pytree it takes, and is the one place where the attack-time
-model is built, so every attack and task gets the same implementation: on CPU, convolutions whose
-input and kernel gradients run on the native kernel (`adcorda_jax.models.fast_path`), the plain model elsewhere.
+model is built, so every attack and task gets the same implementation: on CPU, the eval-mode
+forward rewritten so that each conv -> BatchNorm -> ReLU [-> residual add -> ReLU] chain is one
+native convolution with BatchNorm folded into its kernel and bias, ReLU and residual in its
+epilogue and the ReLU mask in its input-gradient convolution (`adcorda_jax.models.fused_frozen`);
+the plain model elsewhere.
 """
 from __future__ import annotations
 

@@ -47,8 +47,11 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
-          native: bool) -> jax.Array:
+          native: bool, gate: jax.Array | None = None) -> jax.Array:
   """A forward convolution: the native CPU kernel if `native` and available, else XLA's.
+
+  `gate` (x's shape): inputs whose gate is not positive count as zero (a ReLU's input
+  gradient); the native kernel applies it while padding its input rows.
 
   Negative padding (input gradients of layers padded more than kernel-1) is applied as an
   explicit crop: XLA:CPU (jaxlib 0.10.2) computes wrong values for convolutions with several
@@ -59,20 +62,25 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pa
                for size, (lo, hi) in zip(x.shape[1:3], padding))
   if any(part.start or part.stop != size for part, size in zip(crop, x.shape[1:3])):
     x = x[:, crop[0], crop[1], :]
+    gate = None if gate is None else gate[:, crop[0], crop[1], :]
     padding = tuple((max(lo, 0), max(hi, 0)) for lo, hi in padding)
   if native and native_conv.available():
+    if gate is not None:
+      return native_conv.conv2d_fused(x, kernel, strides, padding, gate=gate)
     return native_conv.conv2d(x, kernel, strides, padding)
+  if gate is not None:
+    x = jnp.where(gate > 0, x, 0.0)
   return _xla_conv(x, kernel, strides, padding)
 
 
-def _flipped_kernel_gradient(dy, kernel, padding, native):
+def _flipped_kernel_gradient(dy, kernel, padding, native, gate=None):
   """Stride 1: dx = conv(dy, flip(kernel) with in/out swapped), a canonical HWIO kernel.
 
   Padding each side by k-1-pad gives exactly the input size back.
   """
   pads = [(size - 1 - lo, size - 1 - hi) for size, (lo, hi) in zip(kernel.shape[:2], padding)]
   swapped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-  return _conv(dy, swapped, (1, 1), pads, native)
+  return _conv(dy, swapped, (1, 1), pads, native, gate)
 
 
 def _phase_layout(size: int, out_size: int, taps: int, stride: int, pad_low: int):
@@ -101,7 +109,7 @@ def _phase_layout(size: int, out_size: int, taps: int, stride: int, pad_low: int
   return slots, length, phase_size, pads
 
 
-def _phase_gradient(dy, kernel, x_shape, strides, padding, native):
+def _phase_gradient(dy, kernel, x_shape, strides, padding, native, gate=None):
   """Strided layers: all stride*stride phases as one stride-1 conv, then depth-to-space."""
   batch, height, width, channels = x_shape
   out_channels = kernel.shape[3]
@@ -119,7 +127,7 @@ def _phase_gradient(dy, kernel, x_shape, strides, padding, native):
           stacked = stacked.at[row_slot, col_slot, :, row_phase, col_phase, :].set(
               swapped[row_tap, col_tap])
   stacked = stacked.reshape(row_len, col_len, out_channels, -1)
-  phases = _conv(dy, stacked, (1, 1), (row_pads, col_pads), native)
+  phases = _conv(dy, stacked, (1, 1), (row_pads, col_pads), native, gate)
   phases = phases.reshape(batch, row_size, col_size, strides[0], strides[1], channels)
   dx = phases.transpose(0, 1, 3, 2, 4, 5).reshape(
       batch, row_size * strides[0], col_size * strides[1], channels)
@@ -128,10 +136,11 @@ def _phase_gradient(dy, kernel, x_shape, strides, padding, native):
 
 def input_gradient(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
                    strides: tuple[int, int], padding: Padding,
-                   native: bool = True) -> jax.Array:
+                   native: bool = True, gate: jax.Array | None = None) -> jax.Array:
   """d(sum(dy * conv(x, kernel))) / dx, using only canonical forward convolutions.
 
   `native`: run them with the native CPU kernel where it is available (adcorda_jax.native).
+  `gate` (dy's shape): use where(gate > 0, dy, 0) for dy, fused into the convolution's input.
   """
   channels = x_shape[-1]
   if channels < NARROW_CHANNELS:
@@ -139,10 +148,11 @@ def input_gradient(dy: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
     # SIMD registers with; the extra channels are sliced off.
     padded = jnp.pad(kernel, ((0, 0), (0, 0), (0, NARROW_CHANNELS - channels), (0, 0)))
     wide_shape = tuple(x_shape[:-1]) + (NARROW_CHANNELS,)
-    return input_gradient(dy, padded, wide_shape, strides, padding, native)[..., :channels]
+    return input_gradient(dy, padded, wide_shape, strides, padding, native,
+                          gate)[..., :channels]
   if tuple(strides) != (1, 1):
-    return _phase_gradient(dy, kernel, x_shape, strides, padding, native)
-  return _flipped_kernel_gradient(dy, kernel, padding, native)
+    return _phase_gradient(dy, kernel, x_shape, strides, padding, native, gate)
+  return _flipped_kernel_gradient(dy, kernel, padding, native, gate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -178,3 +188,45 @@ def _conv2d_backward(strides, padding, native, residuals, dy):
 
 
 conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+
+
+# ---- The fused layer of frozen networks: relu(conv(x, kernel) + bias [+ residual]).
+
+
+def _fused_forward_values(x, kernel, bias, residual, strides, padding, relu, native):
+  if native and native_conv.available() and min(min(pair) for pair in padding) >= 0:
+    return native_conv.conv2d_fused(x, kernel, strides, padding, bias=bias, residual=residual,
+                                    relu=relu)
+  return native_conv.reference_conv_fused(x, kernel, strides, padding, bias=bias,
+                                          residual=residual, relu=relu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def conv2d_bias_act(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                    residual: jax.Array | None, strides: tuple[int, int], padding: Padding,
+                    relu: bool, native: bool = True) -> jax.Array:
+  """[relu](conv(x, kernel) + bias [+ residual]): a folded conv -> BatchNorm -> ReLU layer.
+
+  Forward on the native kernel with the bias, residual and ReLU in its epilogue. Backward: the
+  input gradient is `input_gradient` gated by the output (the ReLU mask fused into the
+  convolution's input), kernel and bias gradients as `conv2d`'s, the residual's the masked
+  cotangent. Values and gradients equal autodiff of `reference_conv_fused` to float tolerance.
+  """
+  return _fused_forward_values(x, kernel, bias, residual, strides, padding, relu, native)
+
+
+def _bias_act_forward(x, kernel, bias, residual, strides, padding, relu, native):
+  y = _fused_forward_values(x, kernel, bias, residual, strides, padding, relu, native)
+  return y, (x, kernel, y if relu else None, residual is not None)
+
+
+def _bias_act_backward(strides, padding, relu, native, saved, g):
+  x, kernel, y, has_residual = saved
+  masked = jnp.where(y > 0, g, 0.0) if relu else g
+  dx = input_gradient(g, kernel, x.shape, strides, padding, native, gate=y if relu else None)
+  dkernel = kernel_gradient(x, masked, kernel.shape, strides, padding, native)
+  return (dx, dkernel.astype(kernel.dtype), masked.sum(axis=(0, 1, 2)),
+          masked if has_residual else None)
+
+
+conv2d_bias_act.defvjp(_bias_act_forward, _bias_act_backward)

@@ -23,48 +23,82 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// Vector width and register blocking. Defaults per instruction set; the build's tuner
+// (adcorda_jax/native/tune.py) compiles a few variants with -D overrides and keeps the one that
+// measures fastest on the machine (full- and half-width AVX-512 and AVX2 differ).
+#ifndef ADCORDA_VECTOR_BITS
 #if defined(__AVX512F__)
+#define ADCORDA_VECTOR_BITS 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ADCORDA_VECTOR_BITS 256
+#else
+#define ADCORDA_VECTOR_BITS 128
+#endif
+#endif
+
+#if ADCORDA_VECTOR_BITS == 512 && defined(__AVX512F__)
 #include <immintrin.h>
+#define ADCORDA_REGISTERS 32
 struct Vec {
   using T = __m512;
   static constexpr int kLanes = 16;
-  static constexpr int kPixels = 8;  // 8 pixels x 2 vectors = 16 of the 32 zmm accumulators
-  // Pixels per block of the tap-reusing stride-1 path, for 1 and 2 vectors of output channels
-  // (accumulators + kernel vectors must fit the 32 registers; measured best on Zen 5).
-  static constexpr int kTapPixels1 = 12, kTapPixels2 = 8;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static T splat(float a) { return _mm512_set1_ps(a); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
 };
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif ADCORDA_VECTOR_BITS >= 256 && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#if defined(__AVX512VL__)
+#define ADCORDA_REGISTERS 32  // ymm0-31
+#else
+#define ADCORDA_REGISTERS 16
+#endif
 struct Vec {
   using T = __m256;
   static constexpr int kLanes = 8;
-  static constexpr int kPixels = 4;  // 16 ymm registers
-  static constexpr int kTapPixels1 = 8, kTapPixels2 = 4;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static T splat(float a) { return _mm256_set1_ps(a); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
 };
 #else
 // Portable fallback (NEON, SSE, ...): GCC/Clang vector extensions.
+#define ADCORDA_REGISTERS 16
 struct Vec {
   typedef float T __attribute__((vector_size(16)));
   static constexpr int kLanes = 4;
-  static constexpr int kPixels = 4;
-  static constexpr int kTapPixels1 = 8, kTapPixels2 = 4;
   static T zero() { return T{0, 0, 0, 0}; }
   static T load(const float* p) { T v; std::memcpy(&v, p, sizeof(v)); return v; }
   static T splat(float a) { return T{a, a, a, a}; }
   static T fma(T a, T b, T c) { return a * b + c; }
+  static T add(T a, T b) { return a + b; }
+  static T max(T a, T b) { return a > b ? a : b; }
   static void store(float* p, T v) { std::memcpy(p, &v, sizeof(v)); }
 };
 #endif
+
+// Output pixels per register block: the general path (2 vectors of output channels), the
+// tap-reusing stride-1 path for 1 and 2 vectors (accumulators + kernel vectors + one broadcast
+// must fit the registers), and kernel rows per weight-gradient tile for 1 and 2 vectors.
+#if ADCORDA_REGISTERS == 32
+#define ADCORDA_DEFAULTS 8, 12, 8, 16, 12
+#else
+#define ADCORDA_DEFAULTS 4, 8, 4, 8, 6
+#endif
+#ifndef ADCORDA_BLOCKING
+#define ADCORDA_BLOCKING ADCORDA_DEFAULTS
+#endif
+struct Blocking {
+  int pixels, tap_pixels1, tap_pixels2, grad_rows1, grad_rows2;
+};
+constexpr Blocking kBlocking{ADCORDA_BLOCKING};
 
 namespace ffi = xla::ffi;
 
@@ -80,10 +114,36 @@ struct Geometry {
   int64_t padded_w() const { return w + pl + pr; }
 };
 
+// What the forward kernel does with each finished accumulator before storing it (the fused
+// epilogue of a frozen conv -> BatchNorm -> ReLU [-> residual add -> ReLU]): add a per-channel
+// bias, add a residual laid out like the output, clamp at zero. Pointers are positioned like
+// the block's `out` (bias: at its first channel; residual: at its first element), or null.
+struct Epilogue {
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  bool relu = false;
+  Epilogue at(int64_t channel, int64_t element) const {
+    return {bias ? bias + channel : nullptr, residual ? residual + element : nullptr, relu};
+  }
+};
+
+template <int V, int P>
+inline void StoreBlock(typename Vec::T (&acc)[P][V], int64_t o, const Epilogue& e,
+                       float* out) {
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) {
+      typename Vec::T r = acc[p][v];
+      if (e.bias) r = Vec::add(r, Vec::load(e.bias + v * Vec::kLanes));
+      if (e.residual) r = Vec::add(r, Vec::load(e.residual + p * o + v * Vec::kLanes));
+      if (e.relu) r = Vec::max(r, Vec::zero());
+      Vec::store(out + p * o + v * Vec::kLanes, r);
+    }
+}
+
 // P output pixels (input column stride `step` floats) x V vectors of output channels.
 template <int V, int P>
 inline void Block(const float* in, int64_t row_floats, int64_t step, const Geometry& g,
-                  const float* kernel, float* out) {
+                  const float* kernel, const Epilogue& e, float* out) {
   typename Vec::T acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = Vec::zero();
@@ -95,6 +155,7 @@ inline void Block(const float* in, int64_t row_floats, int64_t step, const Geome
       for (int64_t c = 0; c < c_count; ++c) {
         typename Vec::T kv[V];
         for (int v = 0; v < V; ++v) kv[v] = Vec::load(k + c * o + v * Vec::kLanes);
+#pragma GCC unroll 32
         for (int p = 0; p < P; ++p) {
           const typename Vec::T xv = Vec::splat(x[p * step + c]);
           for (int v = 0; v < V; ++v) acc[p][v] = Vec::fma(xv, kv[v], acc[p][v]);
@@ -102,16 +163,15 @@ inline void Block(const float* in, int64_t row_floats, int64_t step, const Geome
       }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < V; ++v) Vec::store(out + p * o + v * Vec::kLanes, acc[p][v]);
+  StoreBlock<V, P>(acc, o, e, out);
 }
 
 template <int V, int P>
 inline void BlockTail(int64_t count, const float* in, int64_t row_floats, int64_t step,
-                      const Geometry& g, const float* kernel, float* out) {
+                      const Geometry& g, const float* kernel, const Epilogue& e, float* out) {
   if constexpr (P > 0) {
-    if (count == P) return Block<V, P>(in, row_floats, step, g, kernel, out);
-    return BlockTail<V, P - 1>(count, in, row_floats, step, g, kernel, out);
+    if (count == P) return Block<V, P>(in, row_floats, step, g, kernel, e, out);
+    return BlockTail<V, P - 1>(count, in, row_floats, step, g, kernel, e, out);
   }
 }
 
@@ -119,7 +179,7 @@ inline void BlockTail(int64_t count, const float* in, int64_t row_floats, int64_
 // input value feeds up to KW pixels (KW FMAs per load instead of one).
 template <int V, int P, int KW>
 inline void TapBlock(const float* in, int64_t row_floats, const Geometry& g,
-                     const float* kernel, float* out) {
+                     const float* kernel, const Epilogue& e, float* out) {
   typename Vec::T acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < V; ++v) acc[p][v] = Vec::zero();
@@ -132,72 +192,101 @@ inline void TapBlock(const float* in, int64_t row_floats, const Geometry& g,
       for (int dx = 0; dx < KW; ++dx)
         for (int v = 0; v < V; ++v)
           kv[dx][v] = Vec::load(k + (dx * c_count + c) * o + v * Vec::kLanes);
+      // Fully unrolled (the pragmas make sure of it for large P), so the accumulator indices
+      // are compile-time constants and the accumulators stay in registers.
+#pragma GCC unroll 64
       for (int j = 0; j < P + KW - 1; ++j) {
         const typename Vec::T xv = Vec::splat(x[j * c_count + c]);
+#pragma GCC unroll 8
         for (int dx = 0; dx < KW; ++dx) {
-          const int p = j - dx;  // Resolved at compile time: the loops are fully unrolled.
+          const int p = j - dx;
           if (p >= 0 && p < P)
             for (int v = 0; v < V; ++v) acc[p][v] = Vec::fma(xv, kv[dx][v], acc[p][v]);
         }
       }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < V; ++v) Vec::store(out + p * o + v * Vec::kLanes, acc[p][v]);
+  StoreBlock<V, P>(acc, o, e, out);
 }
 
+template <int V, int KW, int P>
+inline void TapBlockTail(int64_t count, const float* in, int64_t row_floats, const Geometry& g,
+                         const float* kernel, const Epilogue& e, float* out) {
+  if constexpr (P > 0) {
+    if (count == P) return TapBlock<V, P, KW>(in, row_floats, g, kernel, e, out);
+    return TapBlockTail<V, KW, P - 1>(count, in, row_floats, g, kernel, e, out);
+  }
+}
+
+// The whole row in tap-reusing blocks: full blocks of P pixels, then one shorter block (a row
+// of 28 or 14 pixels would otherwise leave a quarter to half of it to the one-FMA-per-load path).
 template <int V, int KW>
 int64_t TapBlocks(const float* in, int64_t row_floats, const Geometry& g, const float* kernel,
-                  float* out) {
-  constexpr int P = V == 1 ? Vec::kTapPixels1 : Vec::kTapPixels2;
+                  const Epilogue& e, float* out) {
+  constexpr int P = V == 1 ? kBlocking.tap_pixels1 : kBlocking.tap_pixels2;
   int64_t x = 0;
   for (; x + P <= g.ow; x += P)
-    TapBlock<V, P, KW>(in + x * g.c, row_floats, g, kernel, out + x * g.o);
-  return x;
+    TapBlock<V, P, KW>(in + x * g.c, row_floats, g, kernel, e.at(0, x * g.o), out + x * g.o);
+  if (x < g.ow)
+    TapBlockTail<V, KW, P - 1>(g.ow - x, in + x * g.c, row_floats, g, kernel, e.at(0, x * g.o),
+                               out + x * g.o);
+  return g.ow;
 }
 
 // One output row: full pixel blocks (tap-reusing ones for stride 1 and 2- or 3-wide kernels),
 // then the remainder, for one block of V output-channel vectors.
 template <int V>
 void Row(const float* in, int64_t row_floats, const Geometry& g, const float* kernel,
-         float* out) {
-  constexpr int P = Vec::kPixels;
+         const Epilogue& e, float* out) {
+  constexpr int P = kBlocking.pixels;
   const int64_t step = g.sw * g.c;
   int64_t x = 0;
-  if (g.sw == 1 && g.kw == 3) x = TapBlocks<V, 3>(in, row_floats, g, kernel, out);
-  if (g.sw == 1 && g.kw == 2) x = TapBlocks<V, 2>(in, row_floats, g, kernel, out);
+  if (g.sw == 1 && g.kw == 3) x = TapBlocks<V, 3>(in, row_floats, g, kernel, e, out);
+  if (g.sw == 1 && g.kw == 2) x = TapBlocks<V, 2>(in, row_floats, g, kernel, e, out);
   for (; x + P <= g.ow; x += P)
-    Block<V, P>(in + x * step, row_floats, step, g, kernel, out + x * g.o);
+    Block<V, P>(in + x * step, row_floats, step, g, kernel, e.at(0, x * g.o), out + x * g.o);
   if (x < g.ow)
-    BlockTail<V, P - 1>(g.ow - x, in + x * step, row_floats, step, g, kernel, out + x * g.o);
+    BlockTail<V, P - 1>(g.ow - x, in + x * step, row_floats, step, g, kernel, e.at(0, x * g.o),
+                        out + x * g.o);
 }
 
-// Zero-pads the input rows that output rows [r0, r1) of one image read into `padded`.
-void PadRows(const float* x, const Geometry& g, int64_t r0, int64_t r1,
+// Zero-pads the input rows that output rows [r0, r1) of one image read into `padded`. With a
+// `gate` (laid out like x: the fused prologue of a ReLU's input gradient), input values whose
+// gate is not positive are read as zero.
+void PadRows(const float* x, const float* gate, const Geometry& g, int64_t r0, int64_t r1,
              std::vector<float>& padded) {
   const int64_t row_floats = g.padded_w() * g.c;
   const int64_t first = r0 * g.sh, count = (r1 - 1) * g.sh + g.kh - first;
   padded.assign(count * row_floats, 0.0f);
   for (int64_t r = 0; r < count; ++r) {
     const int64_t source = first + r - g.pt;
-    if (source >= 0 && source < g.h)
-      std::memcpy(&padded[r * row_floats + g.pl * g.c], x + source * g.w * g.c,
-                  sizeof(float) * g.w * g.c);
+    if (source < 0 || source >= g.h) continue;
+    float* target = &padded[r * row_floats + g.pl * g.c];
+    const float* values = x + source * g.w * g.c;
+    if (gate == nullptr) {
+      std::memcpy(target, values, sizeof(float) * g.w * g.c);
+    } else {
+      const float* open = gate + source * g.w * g.c;
+      for (int64_t j = 0; j < g.w * g.c; ++j) target[j] = open[j] > 0.0f ? values[j] : 0.0f;
+    }
   }
 }
 
-// Output rows [r0, r1) of one image.
-void Rows(const float* x, const float* kernel, float* y, const Geometry& g, int64_t r0,
-          int64_t r1, std::vector<float>& padded) {
+// Output rows [r0, r1) of one image; `e` positioned at the image's first output element.
+void Rows(const float* x, const float* gate, const float* kernel, const Epilogue& e, float* y,
+          const Geometry& g, int64_t r0, int64_t r1, std::vector<float>& padded) {
   const int64_t row_floats = g.padded_w() * g.c;
-  PadRows(x, g, r0, r1, padded);
+  PadRows(x, gate, g, r0, r1, padded);
   constexpr int64_t kWide = 2 * Vec::kLanes;
   for (int64_t r = r0; r < r1; ++r) {
     const float* in = padded.data() + (r - r0) * g.sh * row_floats;
-    float* out = y + r * g.ow * g.o;
+    const int64_t row = r * g.ow * g.o;
+    float* out = y + row;
     int64_t oc = 0;
-    for (; oc + kWide <= g.o; oc += kWide) Row<2>(in, row_floats, g, kernel + oc, out + oc);
-    for (; oc < g.o; oc += Vec::kLanes) Row<1>(in, row_floats, g, kernel + oc, out + oc);
+    for (; oc + kWide <= g.o; oc += kWide)
+      Row<2>(in, row_floats, g, kernel + oc, e.at(oc, row + oc), out + oc);
+    for (; oc < g.o; oc += Vec::kLanes)
+      Row<1>(in, row_floats, g, kernel + oc, e.at(oc, row + oc), out + oc);
   }
 }
 
@@ -251,10 +340,12 @@ ffi::Error CheckGeometry(const Geometry& g) {
   return ffi::Error::Success();
 }
 
-ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
-                      int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-                      int64_t pad_right) {
+// The convolution of x with kernel into y, with an optional input gate and epilogue operands
+// (bias [O], residual like y, gate like x: null when absent).
+ffi::Error Convolve(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& k,
+                    ffi::ResultBuffer<ffi::F32>& y, const float* bias, const float* residual,
+                    const float* gate, bool relu, int64_t stride_h, int64_t stride_w,
+                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv2d_cpu: x, kernel and y must be rank 4");
@@ -271,13 +362,44 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t x_image = g.h * g.w * g.c, y_image = g.oh * g.ow * g.o;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t rows = RowsPerUnit(g, threads), slices = (g.oh + rows - 1) / rows;
+  const Epilogue epilogue{bias, residual, relu};
   auto padded = std::make_shared<std::vector<std::vector<float>>>(threads);
   RunUnits(pool, threads, g.n * slices, [=](int64_t worker, int64_t u) {
     const int64_t i = u / slices, r0 = (u % slices) * rows;
-    Rows(xs + i * x_image, ks, ys + i * y_image, g, r0, std::min(r0 + rows, g.oh),
-         (*padded)[worker]);
+    Rows(xs + i * x_image, gate ? gate + i * x_image : nullptr, ks, epilogue.at(0, i * y_image),
+         ys + i * y_image, g, r0, std::min(r0 + rows, g.oh), (*padded)[worker]);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
+                      int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                      int64_t pad_right) {
+  return Convolve(pool, x, k, y, nullptr, nullptr, nullptr, false, stride_h, stride_w, pad_top,
+                  pad_bottom, pad_left, pad_right);
+}
+
+// The fused convolution: y = [relu](conv(x * [gate > 0], kernel) [+ bias] [+ residual]).
+// Absent operands are passed as empty (size 0) buffers.
+ffi::Error Conv2dFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> residual, ffi::Buffer<ffi::F32> gate,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
+                           int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                           int64_t pad_right, int64_t relu) {
+  const int64_t channels = y->dimensions().size() == 4 ? y->dimensions()[3] : -1;
+  if (bias.element_count() != 0 && bias.element_count() != channels)
+    return ffi::Error::InvalidArgument("conv2d_cpu: bias must have one value per output channel");
+  if (residual.element_count() != 0 && residual.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("conv2d_cpu: residual must have the output's shape");
+  if (gate.element_count() != 0 && gate.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("conv2d_cpu: gate must have the input's shape");
+  auto data = [](ffi::Buffer<ffi::F32>& buffer) -> const float* {
+    return buffer.element_count() ? buffer.typed_data() : nullptr;
+  };
+  return Convolve(pool, x, k, y, data(bias), data(residual), data(gate), relu != 0, stride_h,
+                  stride_w, pad_top, pad_bottom, pad_left, pad_right);
 }
 
 // ---- Kernel (weight) gradient: dW[kh, kw, c, o] = sum over images and output pixels of
@@ -291,11 +413,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // The reduction over images is split into a fixed number of chunks, each accumulated into its
 // own copy of dW, so results do not depend on which thread ran what.
 
-#if defined(__AVX512F__)
-constexpr int kGradRows1 = 16, kGradRows2 = 12;  // K for V = 1 and 2 (K*V + V + 1 <= 32).
-#else
-constexpr int kGradRows1 = 8, kGradRows2 = 6;    // 16 registers.
-#endif
+constexpr int kGradRows1 = kBlocking.grad_rows1, kGradRows2 = kBlocking.grad_rows2;
 
 template <int V, int K>
 inline void GradTile(const float* x, int64_t x_row_stride, int64_t x_step, const float* dy,
@@ -310,6 +428,7 @@ inline void GradTile(const float* x, int64_t x_row_stride, int64_t x_step, const
       const float* xp = xr + q * x_step;
       typename Vec::T dv[V];
       for (int v = 0; v < V; ++v) dv[v] = Vec::load(dr + q * o + v * Vec::kLanes);
+#pragma GCC unroll 32
       for (int i = 0; i < K; ++i) {
         const typename Vec::T xv = Vec::splat(xp[i]);
         for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(xv, dv[v], acc[i][v]);
@@ -346,7 +465,7 @@ void GradKernelRow(const float* x, int64_t x_row_stride, int64_t x_step, int64_t
 void GradRows(const float* x, const float* dy, float* dw, const Geometry& g, int64_t r0,
               int64_t r1, std::vector<float>& padded) {
   const int64_t row_floats = g.padded_w() * g.c;
-  PadRows(x, g, r0, r1, padded);
+  PadRows(x, nullptr, g, r0, r1, padded);
   const int64_t k_rows = g.kw * g.c, x_row_stride = g.sh * row_floats, x_step = g.sw * g.c;
   const float* dy_rows = dy + r0 * g.ow * g.o;
   constexpr int64_t kWide = 2 * Vec::kLanes;
@@ -425,6 +544,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dCpu, Conv2dImpl,
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("pad_right"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dFusedCpu, Conv2dFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("relu"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dKernelGradCpu, Conv2dKernelGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -439,3 +575,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdcordaConv2dKernelGradCpu, Conv2dKernelGradImpl,
                                   .Attr<int64_t>("pad_right"));
 
 extern "C" int adcorda_conv2d_cpu_lanes() { return Vec::kLanes; }
+extern "C" int adcorda_conv2d_cpu_tap_pixels(int vectors) {
+  return vectors == 1 ? kBlocking.tap_pixels1 : kBlocking.tap_pixels2;
+}

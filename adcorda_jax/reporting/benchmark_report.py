@@ -39,9 +39,12 @@ def benchmark_markdown(records: Sequence[dict[str, Any]]) -> str:
       "program); `autodiff_tuned_xla` = the same with the attack programs' compiler options; "
       "`fast_vjp` = convolutions with the custom input-gradient VJP, XLA defaults; "
       "`fast_vjp_tuned_xla` = the custom VJP with YNNPACK fusions off, all convolutions "
-      "XLA's; `adcorda` = the custom VJP on the native CPU convolution kernel where it could be "
-      "built, XLA's default options (what the library's attacks use).",
+      "XLA's; `adcorda_unfused` = the custom VJP on the native CPU convolution kernel where it "
+      "could be built, XLA's default options, BatchNorm/ReLU/residual as XLA passes; `adcorda` = "
+      "the same with BatchNorm folded into the convolutions and bias, residual and ReLU fused "
+      "into them (what the library's attacks use).",
       ""]
+  lines += _variant_lines(records)
   return "\n".join(lines)
 
 
@@ -76,4 +79,12 @@ def train_benchmark_markdown(records: Sequence[dict[str, Any]]) -> str:
   lines += ["", "Implementations: `plain` = flax's convolutions differentiated by autodiff on "
             "XLA; `adcorda` = the library's default on the CPU (`models.fast_path`: forward, "
             "input and kernel gradients on the native convolution kernel).", ""]
+  lines += _variant_lines(records)
   return "\n".join(lines)
+
+
+def _variant_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+  variants = sorted({r["native_variant"] for r in records if r.get("native_variant")})
+  if not variants:
+    return []
+  return [f"Native kernel variant (tuned for this CPU): {', '.join(variants)}.", ""]

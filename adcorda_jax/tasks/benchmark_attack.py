@@ -27,6 +27,7 @@ from adcorda_jax.attacks import benchmark
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import create_model
 from adcorda_jax.models.frozen import frozen_logits_fn
+from adcorda_jax.native.build import native_variant
 from adcorda_jax.reporting.benchmark_report import benchmark_markdown
 
 _PREFIX = "benchmark"
@@ -111,7 +112,7 @@ def _measure_case(case: Case, devices: int, section, peak: float,
   for name in implementations:
     implementation = benchmark.IMPLEMENTATIONS[name]
     logits_fn = frozen_logits_fn(model, implementation.fast_input_gradients,
-                                 implementation.native_kernels)
+                                 implementation.native_kernels, implementation.fuse_layers)
     compiled.append(benchmark.compile_pgd(
         logits_fn, params, x, labels, eps=section.eps, step_size=section.step_size,
         steps=section.steps, compiler_options=implementation.compiler_options(backend),
@@ -128,7 +129,7 @@ def _measure_case(case: Case, devices: int, section, peak: float,
         "peak_gflops": peak,  # Of the devices used (CPU devices share one machine's peak).
         "fraction_of_peak": rates["img_steps_per_second"] * flops / (peak * 1e9),
         "steps": section.steps, "repeats": section.repeats,
-        "seconds_per_run": seconds[attack.name]})
+        "seconds_per_run": seconds[attack.name], "native_variant": native_variant()})
     logging.info("%s devices=%d %s: %.0f img*step/s (%.0f%% of peak), compile %.1f s",
                  case.label, devices, attack.name, rates["img_steps_per_second"],
                  100 * records[-1]["fraction_of_peak"], attack.compile_seconds)

@@ -22,6 +22,7 @@ from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.attacks import benchmark as attack_benchmark
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import create_model
+from adcorda_jax.native.build import native_variant
 from adcorda_jax.reporting.benchmark_report import train_benchmark_markdown
 from adcorda_jax.tasks.benchmark_attack import Case, parse_cases, parse_names, saved_records
 from adcorda_jax.training import benchmark
@@ -49,7 +50,8 @@ def _measure_case(case: Case, section: ml_collections.ConfigDict, peak: float,
         "img_per_second_max": max(rates), "compile_seconds": step.compile_seconds,
         "flops_per_img": flops, "peak_gflops": peak,
         "fraction_of_peak": rate * flops / (peak * 1e9), "steps": section.steps,
-        "repeats": section.repeats, "seconds_per_run": seconds[step.name]})
+        "repeats": section.repeats, "seconds_per_run": seconds[step.name],
+        "native_variant": native_variant()})
     logging.info("%s %s: %.0f img/s (%.0f%% of peak), compile %.1f s", case.label, step.name,
                  rate, 100 * records[-1]["fraction_of_peak"], step.compile_seconds)
   return records
