@@ -6,6 +6,8 @@
 Each shape runs as 20 convolutions (kernel rescaled each time) in one compiled `fori_loop`, both
 implementations timed interleaved in this one process, with YNNPACK fusions off (XLA's faster
 setting for its own convolutions). Read the ratio; absolute times move with the machine's load.
+The native kernel is the variant tuned for this CPU (printed); `ADCORDA_NATIVE_VARIANT=<name>`
+times another, e.g. `zmm-t12x8-p8` (the previous release's blocking) or `default`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from adcorda_jax.attacks.compile import compiler_options
+from adcorda_jax.native import build
 from adcorda_jax.native import conv2d as native_conv
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -62,6 +65,8 @@ def main() -> None:
   xla = lambda x, k, s, p: lax.conv_general_dilated(x, k, s, p,
                                                     dimension_numbers=DIMENSION_NUMBERS)
   rows = []
+  variant = build.conv2d_kernel().variant
+  print(f"native kernel variant: {variant} (set ADCORDA_NATIVE_VARIANT to compare others)")
   print(f"{'shape':36s} {'XLA ms':>8s} {'native ms':>10s} {'speed-up':>9s} {'native GFLOP/s':>15s}")
   for shape in SHAPES:
     label, batch, height, c_in, c_out, stride = shape
@@ -78,7 +83,7 @@ def main() -> None:
     flops = 2.0 * batch * out * out * 9 * c_in * c_out
     rows.append({"shape": label, "xla_ms": 1e3 * best["xla"], "native_ms": 1e3 * best["native"],
                  "speedup": best["xla"] / best["native"],
-                 "native_gflops": flops / best["native"] / 1e9})
+                 "native_gflops": flops / best["native"] / 1e9, "native_variant": variant})
     r = rows[-1]
     print(f"{label:36s} {r['xla_ms']:8.2f} {r['native_ms']:10.2f} {r['speedup']:8.2f}x "
           f"{r['native_gflops']:15.0f}")

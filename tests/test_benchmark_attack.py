@@ -15,6 +15,7 @@ import pytest
 from adcorda_jax.attacks import benchmark
 from adcorda_jax.attacks import compile as attack_compile
 from adcorda_jax.errors import ConfigError
+from adcorda_jax.native import build as native_build
 from adcorda_jax.tasks import benchmark_attack
 from configs import benchmark_attack as benchmark_config
 from tests.helpers import one_line
@@ -57,7 +58,11 @@ def test_records_have_the_required_fields_and_consistent_numbers(finished):
     assert record["fraction_of_peak"] == pytest.approx(expected)
   # Both implementations do the same useful work: FLOPs come from the reference program.
   assert len({r["flops_per_img_step"] for r in records}) == 1
+  # Which kernel variant ran is on record (the per-CPU tuning makes it machine-dependent).
+  assert {r["native_variant"] for r in records} == {native_build.native_variant()}
   report = (workdir / "report.md").read_text()
+  if native_build.native_variant():
+    assert f"Native kernel variant (tuned for this CPU): {native_build.native_variant()}" in report
   assert "| small_cnn | 8 | 1 | adcorda |" in report
 
 

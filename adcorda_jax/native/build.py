@@ -125,6 +125,8 @@ def choose_variant(compiler: str) -> tune.Variant | None:
   CPU than this one, whose timings would not apply."""
   cpu_flags = _cpu_flags()
   forced = os.environ.get(tune.VARIANT_ENV, "").strip()
+  if forced == "default":  # The source's defaults for the ISA, without measuring.
+    return None
   if forced:
     return tune.variant_named(forced, cpu_flags)
   if os.environ.get(MARCH_ENV, "native") != "native":

@@ -6,7 +6,8 @@ compiles the variants of `candidates()` for the host (`-D` overrides of the kern
 times each on a few convolution shapes of the project's models in a subprocess (timings must not
 be staged into a caller's trace, and a broken variant must not take the process down), keeps the
 fastest, and caches the choice beside the libraries, keyed like them (source, jaxlib, compiler,
-flags, CPU). `$ADCORDA_NATIVE_VARIANT` names a variant and skips the measurement.
+flags, CPU). `$ADCORDA_NATIVE_VARIANT` names a variant (or `default`: the source's defaults for
+the instruction set) and skips the measurement.
 
 Run as `python -m adcorda_jax.native.tune LIB...` it prints each library's seconds as JSON.
 """
@@ -33,7 +34,8 @@ VARIANT_ENV = "ADCORDA_NATIVE_VARIANT"
 SHAPES = ((64, 32, 16, 16, 1), (64, 16, 32, 32, 1), (64, 8, 64, 64, 1), (64, 32, 16, 32, 2),
           (64, 28, 32, 32, 1))
 DECIDES = ("tap_pixels1", "tap_pixels2", "tap_pixels2", "pixels", "tap_pixels2")
-ROUNDS = 5
+ROUNDS = 7  # Timed rounds per shape; each times CALLS calls of every library in turn.
+CALLS = 4
 _PREFIX = {512: "zmm", 256: "ymm", 128: "xmm"}
 _NAME = re.compile(r"^(zmm|ymm|xmm)-t(\d+)x(\d+)-p(\d+)$")
 
@@ -129,43 +131,50 @@ def write_choice(path: Path, choice: dict) -> None:
   os.replace(temporary, path)
 
 
-def _time_library(path: str) -> list[float]:
-  """Seconds of each of SHAPES on the library at `path` (runs in the tuning subprocess)."""
+def _time_libraries(paths: Sequence[str]) -> dict[str, list[float]]:
+  """Seconds of each of SHAPES per library (runs in the tuning subprocess): the libraries take
+  turns on every shape in every round, so a change in the machine's speed hits all alike."""
   import ctypes  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  library = ctypes.cdll.LoadLibrary(path)
-  target = f"adcorda_tune_{Path(path).stem.replace('-', '_')}"
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.AdcordaConv2dCpu),
-                              platform="cpu")
-  seconds = []
+  targets = {}
+  for index, path in enumerate(paths):
+    library = ctypes.cdll.LoadLibrary(path)
+    targets[path] = f"adcorda_tune_{index}_{Path(path).stem.replace('-', '_')}"
+    jax.ffi.register_ffi_target(targets[path], jax.ffi.pycapsule(library.AdcordaConv2dCpu),
+                                platform="cpu")
+  seconds = {path: [] for path in paths}
   for batch, size, c_in, c_out, stride in SHAPES:
     out = (size + 2 - 3) // stride + 1
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((batch, out, out, c_out), jnp.float32))
-    conv = jax.jit(lambda x, k, call=call, stride=stride: call(
-        x, k, stride_h=np.int64(stride), stride_w=np.int64(stride), pad_top=np.int64(1),
-        pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1)))
     x = jnp.ones((batch, size, size, c_in), jnp.float32)
     kernel = jnp.ones((3, 3, c_in, c_out), jnp.float32)
-    conv(x, kernel).block_until_ready()
-    best = float("inf")
+    programs = {}
+    for path in paths:
+      call = jax.ffi.ffi_call(targets[path],
+                              jax.ShapeDtypeStruct((batch, out, out, c_out), jnp.float32))
+      programs[path] = jax.jit(lambda x, k, call=call, stride=stride: call(
+          x, k, stride_h=np.int64(stride), stride_w=np.int64(stride), pad_top=np.int64(1),
+          pad_bottom=np.int64(1), pad_left=np.int64(1), pad_right=np.int64(1)))
+      programs[path](x, kernel).block_until_ready()
+    best = {path: float("inf") for path in paths}
     for _ in range(ROUNDS):
-      start = time.perf_counter()
-      for _ in range(4):
-        y = conv(x, kernel)
-      y.block_until_ready()
-      best = min(best, time.perf_counter() - start)
-    seconds.append(best)
+      for path, program in programs.items():
+        start = time.perf_counter()
+        for _ in range(CALLS):
+          y = program(x, kernel)
+        y.block_until_ready()
+        best[path] = min(best[path], (time.perf_counter() - start) / CALLS)
+    for path in paths:
+      seconds[path].append(best[path])
   return seconds
 
 
 def choose(variants: Sequence[Variant],
            libraries: dict[str, Path]) -> tuple[Variant, dict[str, list[float]]]:
-  """(the composed variant, seconds per build and shape); the builds are timed one after
-  another, twice, keeping each shape's best."""
+  """(the composed variant, seconds per build and shape: the best of two measurements)."""
   seconds = {v.name: [float("inf")] * len(SHAPES) for v in variants}
   for _ in range(2):
     timings = measure([libraries[v.name] for v in variants])
@@ -180,4 +189,4 @@ def choose(variants: Sequence[Variant],
 
 
 if __name__ == "__main__":
-  print(json.dumps({path: _time_library(path) for path in sys.argv[1:]}))
+  print(json.dumps(_time_libraries(sys.argv[1:])))
