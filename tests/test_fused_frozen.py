@@ -67,6 +67,7 @@ def test_native_fused_conv_equals_its_xla_definition(batch, size, channels, out_
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 @needs_native
 def test_fused_conv_folds_vmapped_inputs_and_partitions_nothing_else():
   x, kernel, bias, residual, gate = _operands(jax.random.key(0), (2, 3, 9, 9, 5), (3, 3, 5, 16),
@@ -88,6 +89,7 @@ def test_fused_conv_folds_vmapped_inputs_and_partitions_nothing_else():
       xi, ki, (1, 1), ((1, 1), (1, 1)), bias=bias, relu=True))(x, kernels), atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("strides,padding,residual,relu", [
     ((1, 1), ((1, 1), (1, 1)), True, True), ((2, 2), ((1, 1), (1, 1)), False, True),
@@ -138,13 +140,21 @@ def _model_with_statistics(name: str, shape, num_classes: int = 10):
 
 @pytest.mark.parametrize("name,shape,convs,residuals", [
     ("small_cnn", (28, 28, 1), 4, 0), ("resnet20", (32, 32, 3), 21, 9)])
-def test_rewritten_model_equals_plain_eval_model(name, shape, convs, residuals):
-  model, variables, x = _model_with_statistics(name, shape)
+def test_every_conv_batchnorm_relu_chain_is_found(name, shape, convs, residuals):
+  model = create_model({"name": name}, 10, (0.5,), (0.25,))
+  x = jnp.zeros((2,) + shape)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
   plan = fusion_plan(model, variables, x)
   assert len(plan) == convs and sum(r["residual"] for r in plan) == residuals
   assert all(r["affine_ops"] == 3 for r in plan)  # BatchNorm: sub mean, mul scale, add bias.
   # Every conv + BN is followed by a ReLU except the projection shortcuts (added, not clamped).
   assert sum(not r["relu"] for r in plan) == (0 if name == "small_cnn" else 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,shape", [("small_cnn", (28, 28, 1)), ("resnet20", (32, 32, 3))])
+def test_rewritten_model_equals_plain_eval_model(name, shape):
+  model, variables, x = _model_with_statistics(name, shape)
   plain = lambda v, images: model.apply(v, images, train=False)
   fused = fused_logits_fn(model)
   logits = jax.jit(fused)(variables, x)
@@ -178,6 +188,7 @@ class _Unfusable(nn.Module):
     return nn.relu(nn.Conv(4, (3, 3), padding=1, use_bias=False, name="last")(z)).mean((1, 2))
 
 
+@pytest.mark.slow
 def test_layers_outside_the_patterns_keep_their_own_operations():
   model = _Unfusable()
   x = jax.random.uniform(jax.random.key(0), (2, 9, 9, 3))
@@ -192,6 +203,7 @@ def test_layers_outside_the_patterns_keep_their_own_operations():
                              model.apply(variables, x, train=False), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_mode_batchnorm_is_never_folded():
   # Batch statistics depend on the image input, so they are not per-channel constants.
   model, variables, x = _model_with_statistics("small_cnn", (28, 28, 1))
@@ -201,6 +213,7 @@ def test_train_mode_batchnorm_is_never_folded():
   assert len(chains) == 4 and all(not chain.affine for chain in chains.values())
 
 
+@pytest.mark.slow
 def test_library_attack_path_uses_the_fused_network():
   model, variables, x = _model_with_statistics("small_cnn", (28, 28, 1))
   logits_fn, params = attack_model(model, variables, fast_input_gradients=True)

@@ -106,9 +106,11 @@ def test_fast_conv_gradients_equal_autodiff_for_inputs_and_kernels(
                           argnums=(0, 1)))(x, kernel)
   want = jax.jit(jax.grad(loss(lambda x, k: _reference_conv(x, k, strides, padding)),
                           argnums=(0, 1)))(x, kernel)
-  for got, expected in zip(fast, want):  # tanh and its derivative round differently: 1e-5.
+  # tanh and its derivative amplify the sums' rounding: hypothesis found 1.1e-5 of the max for
+  # 400-term sums (40 channels x 2x5 taps; the previous release's kernel gives the same).
+  for got, expected in zip(fast, want):
     scale = float(jnp.max(jnp.abs(expected))) + 1e-6
-    np.testing.assert_allclose(got / scale, expected / scale, atol=1e-5)
+    np.testing.assert_allclose(got / scale, expected / scale, atol=2e-5)
 
 
 def _model(name):
