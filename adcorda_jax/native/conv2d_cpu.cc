@@ -428,7 +428,6 @@ inline void GradTile(const float* x, int64_t x_row_stride, int64_t x_step, const
       const float* xp = xr + q * x_step;
       typename Vec::T dv[V];
       for (int v = 0; v < V; ++v) dv[v] = Vec::load(dr + q * o + v * Vec::kLanes);
-#pragma GCC unroll 32
       for (int i = 0; i < K; ++i) {
         const typename Vec::T xv = Vec::splat(xp[i]);
         for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(xv, dv[v], acc[i][v]);
