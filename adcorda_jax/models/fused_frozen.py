@@ -50,7 +50,7 @@ class _Chain:
   affine: list[_Affine]
   residual: Any = None            # jaxpr var of the residual operand, or None
   relu: bool = False
-  interior: set = dataclasses.field(default_factory=set)  # eqn indices skipped
+  interior: set[int] = dataclasses.field(default_factory=set)  # eqn indices skipped
   last: int = -1                  # eqn index where the fused op is emitted
 
 
