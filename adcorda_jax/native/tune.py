@@ -123,12 +123,19 @@ def read_choice(path: Path) -> dict | None:
 
 
 def write_choice(path: Path, choice: dict) -> None:
-  """Writes the tuning record atomically (temp file in the same folder, then rename)."""
+  """Writes the tuning record atomically (temp file in the same folder, then rename).
+
+  Not `workdir.write_json_atomic`: that writes from process 0 only, and this cache belongs to
+  the machine, not to one job (another host's processes must record their own choice)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   handle, temporary = tempfile.mkstemp(suffix=".json", dir=path.parent)
-  with os.fdopen(handle, "w") as stream:
-    json.dump(choice, stream, indent=1)
-  os.replace(temporary, path)
+  try:
+    with os.fdopen(handle, "w") as stream:
+      json.dump(choice, stream, indent=1)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.unlink(temporary)
 
 
 def _time_libraries(paths: Sequence[str]) -> dict[str, list[float]]:
