@@ -20,12 +20,15 @@ from adcorda_jax.models.frozen import frozen_logits_fn
 
 
 def attack_model(model: nn.Module, variables: Any,
-                 fast_input_gradients: FastPath = "auto") -> tuple[LogitsFn, Any]:
+                 fast_input_gradients: FastPath = "auto",
+                 backend: str | None = None) -> tuple[LogitsFn, Any]:
   """(logits_fn, attack_params) for attacking `model` with `variables` in eval mode.
 
   `fast_input_gradients`: True, False, or 'auto' (on where measured faster: XLA:CPU). Pass
   `attack_params` (not `variables`) as the attacks' `params` argument. The same function object
-  comes back for the same model and setting, so compiled attacks are reused.
+  comes back for the same model and setting, so compiled attacks are reused. `backend` is the
+  platform the attacks will run on ('auto' resolves against it; default: JAX's default
+  backend): pass 'cuda' or 'tpu' to lower an attack for that platform with `jax.export`.
   """
-  fast = use_fast_convolutions(fast_input_gradients)
+  fast = use_fast_convolutions(fast_input_gradients, backend)
   return frozen_logits_fn(model, fast), variables

@@ -132,12 +132,15 @@ def feature_distillation_loss(student_features: jax.Array, teacher_features: jax
 def distill_step(state: DistillState, batch: steps.Batch, rng: jax.Array, *,
                  teacher_apply: Callable[..., Any], teacher_variables: Any, num_classes: int,
                  alpha: float, temperature: float, beta: float,
-                 learning_rate_fn: optax.Schedule | None = None
+                 learning_rate_fn: optax.Schedule | None = None, backend: str | None = None
                  ) -> tuple[DistillState, steps.Metrics]:
-  """One step: teacher in eval mode (running BN stats, no dropout), student in train mode."""
+  """One step: teacher in eval mode (running BN stats, no dropout), student in train mode.
+
+  `backend`: the platform the step is built for (see `steps.train_step`).
+  """
   dropout_rng = jax.random.fold_in(rng, state.step)
   with_features = beta > 0
-  with fast_path.fast_convolutions():  # Native convolutions on the CPU (see steps).
+  with fast_path.fast_convolutions(backend=backend):  # Native convolutions on the CPU.
     teacher_out = teacher_apply(teacher_variables, batch["image"], train=False,
                                 return_features=with_features)
   teacher_logits, teacher_features = teacher_out if with_features else (teacher_out, None)
@@ -157,7 +160,7 @@ def distill_step(state: DistillState, batch: steps.Batch, rng: jax.Array, *,
     return loss, (logits, updates["batch_stats"], parts)
 
   trainable = {"student": state.params, "projection": state.projection}
-  with fast_path.fast_convolutions():
+  with fast_path.fast_convolutions(backend=backend):
     (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trainable)
   predictions = jnp.argmax(logits, -1)

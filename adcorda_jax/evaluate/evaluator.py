@@ -41,22 +41,24 @@ class _ModuleApply:
     return self.module.apply(variables, images)
 
 
-def _predicted_labels(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
-                      ) -> jax.Array:
-  with fast_path.fast_convolutions():  # Forward-only native convolutions on the CPU.
+def _predicted_labels(apply_fn: Callable[..., jax.Array], backend: str | None, variables: Any,
+                      images: jax.Array) -> jax.Array:
+  with fast_path.fast_convolutions(backend=backend):  # Forward-only native convs on the CPU.
     return jnp.argmax(apply_fn(variables, images), -1)
 
 
-# One program per (equal) module, shared by every predictor of it.
-_module_labels = jax.jit(_predicted_labels, static_argnums=0)
+# One program per (equal) module and backend, shared by every predictor of it.
+_module_labels = jax.jit(_predicted_labels, static_argnums=(0, 1))
 
 
-def _labels_fn(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, jax.Array], jax.Array]:
-  """The jitted `(variables, images) -> argmax labels` of `apply_fn`.
+def labels_fn(apply_fn: Callable[..., jax.Array], backend: str | None = None
+              ) -> Callable[[Any, jax.Array], jax.Array]:
+  """The jitted `(variables, images) -> argmax labels` of `apply_fn`, a predictor's program.
 
   For a bound `module.apply` it is one program shared by all equal modules (a bound method
   compares by its module's identity, so every seed's and cell's new but equal module would
-  otherwise compile again); any other function gets its own program.
+  otherwise compile again); any other function gets its own program. `backend`: the platform
+  it is built for (default: JAX's default backend; see `fast_path.fast_convolutions`).
   """
   module = getattr(apply_fn, "__self__", None)
   if (isinstance(module, nn.Module)
@@ -66,8 +68,8 @@ def _labels_fn(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, jax.Array],
     except TypeError:  # A field that does not hash (e.g. an array): one program per predictor.
       pass
     else:
-      return functools.partial(_module_labels, _ModuleApply(module))
-  return jax.jit(functools.partial(_predicted_labels, apply_fn))
+      return functools.partial(_module_labels, _ModuleApply(module), backend)
+  return jax.jit(functools.partial(_predicted_labels, apply_fn, backend))
 
 
 def make_predictor(apply_fn: Callable[..., jax.Array], batch_size: int, mesh: jax.sharding.Mesh
@@ -77,7 +79,7 @@ def make_predictor(apply_fn: Callable[..., jax.Array], batch_size: int, mesh: ja
   `apply_fn(variables, images)` is `model.apply` or anything with its signature (e.g. a
   quantized apply). Predictors of equal modules' `apply` share one compiled program.
   """
-  labels = _labels_fn(apply_fn)
+  labels = labels_fn(apply_fn)
 
   def predict(variables: Any, images: np.ndarray) -> np.ndarray:
     variables = sharding.replicate(variables, mesh)

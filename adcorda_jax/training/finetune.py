@@ -105,11 +105,13 @@ def finetune_step(state: steps.TrainState, source: steps.Batch, target: steps.Ba
                rng: jax.Array, *, num_classes: int, alignment: AlignmentLoss | None,
                lambda_: float,
                train_batch_norm: bool,
-               learning_rate_fn: optax.Schedule | None = None
+               learning_rate_fn: optax.Schedule | None = None,
+               backend: str | None = None
                ) -> tuple[steps.TrainState, steps.Metrics]:
   """One step on CE(source) + lambda_ * alignment(source features, target features).
 
   `target` (and `alignment`) are None for cross-entropy-only fine-tuning (no target pass).
+  `backend`: the platform the step is built for (see `steps.train_step`).
   """
   source_rng, target_rng = jax.random.split(jax.random.fold_in(rng, state.step))
 
@@ -133,7 +135,7 @@ def finetune_step(state: steps.TrainState, source: steps.Batch, target: steps.Ba
       align = alignment(source_features, target_features)
     return ce + lambda_ * align, (logits, batch_stats, ce, align)
 
-  with fast_path.fast_convolutions():  # Native convolutions on the CPU (see steps).
+  with fast_path.fast_convolutions(backend=backend):  # Native convolutions on the CPU.
     (loss, (logits, batch_stats, ce, align)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
   metrics = {"loss": loss, "cross_entropy": ce, "alignment": align,

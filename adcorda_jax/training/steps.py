@@ -50,10 +50,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: 
                label_smoothing: float = 0.0, augment_padding: int | None = None,
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                fast_convolutions: fast_path.FastPath = "auto",
-               ) -> tuple[TrainState, Metrics]:
+               backend: str | None = None) -> tuple[TrainState, Metrics]:
   """One SGD step on `batch` ({'image', 'label'}); augments when `augment_padding` is not None.
 
   `fast_convolutions` ('auto': on the CPU) routes plain convolutions through the native kernels.
+  `backend` is the platform the step is built for ('auto' resolves against it; default: JAX's
+  default backend): e.g. 'cuda' or 'tpu' when lowering for another platform with `jax.export`.
   """
   step_rng = jax.random.fold_in(rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
@@ -68,7 +70,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, num_classes: 
     loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing).mean()
     return loss, (logits, updates)
 
-  with fast_path.fast_convolutions(fast_convolutions):
+  with fast_path.fast_convolutions(fast_convolutions, backend=backend):
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {
       "loss": loss,
@@ -91,9 +93,10 @@ def params_finite(tree: Any) -> jax.Array:
 
 
 def eval_step(apply_fn: Callable[..., Any], variables: Any, batch: Batch, *,
-              num_classes: int, fast_convolutions: fast_path.FastPath = "auto") -> Metrics:
+              num_classes: int, fast_convolutions: fast_path.FastPath = "auto",
+              backend: str | None = None) -> Metrics:
   """Masked sums over a padded batch: correct predictions, loss and example count."""
-  with fast_path.fast_convolutions(fast_convolutions):
+  with fast_path.fast_convolutions(fast_convolutions, backend=backend):
     logits = apply_fn(variables, batch["image"], train=False)
   mask = batch["mask"]
   loss = cross_entropy(logits, batch["label"], num_classes)
@@ -105,6 +108,8 @@ def eval_step(apply_fn: Callable[..., Any], variables: Any, batch: Batch, *,
   }
 
 
-def make_eval_fn(apply_fn: Callable[..., Any], num_classes: int) -> Callable[[Any, Batch], Metrics]:
-  """A jitted eval step closed over the model's `apply_fn`."""
-  return jax.jit(functools.partial(eval_step, apply_fn, num_classes=num_classes))
+def make_eval_fn(apply_fn: Callable[..., Any], num_classes: int, backend: str | None = None
+                 ) -> Callable[[Any, Batch], Metrics]:
+  """A jitted eval step closed over the model's `apply_fn` (path chosen for `backend`)."""
+  return jax.jit(functools.partial(eval_step, apply_fn, num_classes=num_classes,
+                                   backend=backend))
