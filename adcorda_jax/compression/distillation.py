@@ -33,7 +33,7 @@ import optax
 from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import fast_path
-from adcorda_jax.training import batches, optim, resumable, sharding, steps
+from adcorda_jax.training import input_pipeline, optim, resumable, sharding, steps
 
 PREFIX = "distill"
 PROJECTION_STREAM = 1  # fold_in index of the projection's init key (dropout uses the run key).
@@ -196,8 +196,11 @@ class Distiller:
 
   def __init__(self, teacher_model: nn.Module, teacher_variables: dict[str, Any],
                student_model: nn.Module, settings: DistillSettings, *, total_steps: int,
-               steps_per_epoch: int, num_classes: int):
+               steps_per_epoch: int, num_classes: int,
+               input_settings: input_pipeline.InputSettings = input_pipeline.InputSettings()):
+    """`input_settings`: where the training split lives (`input_pipeline`)."""
     self.teacher_model, self.student_model, self.settings = teacher_model, student_model, settings
+    self.input_settings = input_settings
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.mesh = sharding.make_mesh()
     sharding.check_divisible(settings.batch_size, f"{PREFIX}.batch_size", self.mesh)
@@ -245,19 +248,21 @@ class Distiller:
     state = jax.device_put(self._initial_state(student_variables, images, seed), replicated)
     rng = jax.device_put(jax.random.key(seed), replicated)
 
+    stream = input_pipeline.BatchStream({"image": images, "label": labels},
+                                        settings.batch_size, seed, mesh, self.input_settings)
+
     def step(state: DistillState, index: int):
-      indices = batches.train_batch_indices(len(labels), settings.batch_size, index, seed)
-      batch = sharding.put_batch({"image": images[indices], "label": labels[indices]}, mesh)
-      return self.step_fn(state, batch, rng, teacher_variables=self.teacher_variables)
+      return self.step_fn(state, stream(index), rng, teacher_variables=self.teacher_variables)
 
     loop = resumable.LoopSettings.of(
         settings, self.total_steps, self.steps_per_epoch,
         divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.beta")
-    result = resumable.run_resumable(
-        state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
-        what="distillation", progress_keys=("loss", "agreement"), step_callback=step_callback,
-        start_message=f"on {len(labels)} examples, alpha={settings.alpha:g} "
-                      f"T={settings.temperature:g} beta={settings.beta:g}")
+    with stream:
+      result = resumable.run_resumable(
+          state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
+          what="distillation", progress_keys=("loss", "agreement"), step_callback=step_callback,
+          start_message=f"on {len(labels)} examples, alpha={settings.alpha:g} "
+                        f"T={settings.temperature:g} beta={settings.beta:g}")
     state = result.state
     return DistillResult(
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}),

@@ -16,7 +16,7 @@ import flax.linen as nn
 import ml_collections
 import optax
 
-from adcorda_jax.training import finetune
+from adcorda_jax.training import finetune, input_pipeline
 from adcorda_jax.compression import flops_per_example, nonzero_parameters
 from adcorda_jax.data import Dataset
 from adcorda_jax.models import count_params, create_model
@@ -48,6 +48,7 @@ class Compressor:
   dataset: Dataset
   adapt: finetune.FinetuneSettings
   method_settings: Mapping[str, Any]
+  input_settings: input_pipeline.InputSettings = input_pipeline.InputSettings()
 
   def build(self, model_config: dict[str, Any]) -> nn.Module:
     """The model of `model_config` for this dataset (classes and normalization)."""
@@ -66,7 +67,8 @@ class Compressor:
         model, variables["params"], self.adapt, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, num_classes=self.dataset.num_classes,
         wrap_optimizer=(
-            None if wrap_optimizer is None else lambda tx: wrap_optimizer(tx, total_steps)))
+            None if wrap_optimizer is None else lambda tx: wrap_optimizer(tx, total_steps)),
+        input_settings=self.input_settings)
     result = runner.run(variables, (train.images, train.labels), None, seed=cell.seed,
                         directory=directory, meta=meta,
                         description=f"{cell.network.label} {cell.name} seed {cell.seed}")

@@ -47,7 +47,7 @@ from adcorda_jax.evaluate import Evaluator, aggregate, make_predictor
 from adcorda_jax.evaluate.evaluator import Predictor
 from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
 from adcorda_jax.reporting import adcorda_report
-from adcorda_jax.training import batches, checkpointing, finetune, sharding
+from adcorda_jax.training import batches, checkpointing, finetune, input_pipeline, sharding
 from adcorda_jax.training.baseline import Baseline, load_baseline
 
 VARIANTS = ("baseline", "corrected_ce", "same_budget_finetune", "adcorda")
@@ -230,7 +230,8 @@ def adapt(run: pipeline.Run, config: ml_collections.ConfigDict, settings: Settin
                                                      "labels": corrected.labels}),
                  **config_keys(config, ("adapt",))}
   shared = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                num_classes=dataset.num_classes, apply_fn=deployment.train_apply_fn(model))
+                num_classes=dataset.num_classes, apply_fn=deployment.train_apply_fn(model),
+                input_settings=input_pipeline.settings_from_config(config))
   ce_only = finetune.Finetuner(model, variables["params"], options, **shared)
   aligned = finetune.Finetuner(model, variables["params"], options,
                                alignment=settings.adapt.alignment_loss,

@@ -41,7 +41,7 @@ from adcorda_jax.study.shift_eval import (ShiftedSets, build_shifted_sets, read_
 from adcorda_jax.evaluate import EvaluationSettings, Evaluator, aggregate, read_evaluation
 from adcorda_jax.evaluate import make_predictor
 from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
-from adcorda_jax.training import checkpointing, finetune, sharding
+from adcorda_jax.training import checkpointing, finetune, input_pipeline, sharding
 from adcorda_jax.training.baseline import ensure_baseline
 
 
@@ -212,7 +212,8 @@ def _study(config: ml_collections.ConfigDict, run: pipeline.Run) -> dict[str, An
                       names=list(shift_settings.corruptions))
 
   originals = {network.label: _original(study, network) for network in settings.networks}
-  by_group = _run_grid(study, Compressor(dataset, adapt, method_settings), originals)
+  by_group = _run_grid(study, Compressor(
+      dataset, adapt, method_settings, input_pipeline.settings_from_config(config)), originals)
 
   networks = {}
   for network in settings.networks:

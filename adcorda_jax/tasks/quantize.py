@@ -45,7 +45,7 @@ from adcorda_jax.quant.quantized_model import (fake_quantize_params, quantized_a
 from adcorda_jax.reporting import quantize_report
 from adcorda_jax.evaluate import Evaluator, aggregate, make_predictor, read_evaluation
 from adcorda_jax.pipeline.fingerprint import config_keys
-from adcorda_jax.training import batches, finetune, sharding
+from adcorda_jax.training import batches, finetune, input_pipeline, sharding
 from adcorda_jax.training.baseline import Baseline, load_baseline
 
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -198,7 +198,8 @@ def run_quantize(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
     cells.float_variant()
     cells.ptq_variants(settings)
     if adapt is not None:
-      cells.qat_variants(settings, adapt, without_alignment(config_keys(config, ("adapt",))))
+      cells.qat_variants(settings, adapt, without_alignment(config_keys(config, ("adapt",))),
+                         input_pipeline.settings_from_config(config))
     template = settings.template
     results = run.results(**QuantizeResults(
         dataset=baseline.dataset.name, model=baseline.meta["model"]["name"],
@@ -274,7 +275,9 @@ class _Cells:
                     size_bytes=quant.size_bytes(calibrated["params"]), **exported)
 
   def qat_variants(self, settings: QuantizeSettings, adapt: finetune.FinetuneSettings,
-                   adapt_keys: dict[str, Any]) -> None:
+                   adapt_keys: dict[str, Any],
+                   input_settings: input_pipeline.InputSettings = input_pipeline.InputSettings()
+                   ) -> None:
     """`qat_w<bits>`: quantization-aware fine-tuning per seed, exported and evaluated."""
     baseline, evaluator = self.baseline, self.evaluator
     variables, model, dataset = baseline.variables, baseline.model, baseline.dataset
@@ -286,7 +289,7 @@ class _Cells:
       runner = finetune.Finetuner(
           model, params, adapt, total_steps=adapt.epochs * steps_per_epoch,
           steps_per_epoch=steps_per_epoch, num_classes=dataset.num_classes,
-          apply_fn=quant.qat_apply_fn(model))
+          apply_fn=quant.qat_apply_fn(model), input_settings=input_settings)
       name = f"qat_{quant.tag}"
       runs = []
       for run_seed in settings.seeds:

@@ -31,7 +31,8 @@ import optax
 from adcorda_jax import config_checks
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import fast_path
-from adcorda_jax.training import batches, optim, resumable, sharding, steps, trainable
+from adcorda_jax.training import (input_pipeline, optim, resumable, sharding, steps,
+                                  trainable)
 
 PREFIX = "adapt"
 BATCH_NORM_MODES = ("train", "frozen")
@@ -169,12 +170,14 @@ class Finetuner:
                alignment: AlignmentLoss | None = None, lambda_: float = 0.0,
                apply_fn: Callable[..., Any] | None = None,
                wrap_optimizer: Callable[[optax.GradientTransformation],
-                                        optax.GradientTransformation] | None = None):
+                                        optax.GradientTransformation] | None = None,
+               input_settings: input_pipeline.InputSettings = input_pipeline.InputSettings()):
     """`alignment` (weighted by `lambda_`) aligns source to target features: runs then take a
     target set. `apply_fn` (default `model.apply`) is what the step differentiates, e.g. a
     fake-quantized apply for quantization-aware fine-tuning; `wrap_optimizer` wraps the
-    optimizer, e.g. to keep pruning masks."""
-    self.model, self.settings = model, settings
+    optimizer, e.g. to keep pruning masks. `input_settings`: where the training splits live
+    (`input_pipeline`; the batches are the same either way)."""
+    self.model, self.settings, self.input_settings = model, settings, input_settings
     self.apply_fn = apply_fn if apply_fn is not None else model.apply
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.with_target = alignment is not None
@@ -219,22 +222,31 @@ class Finetuner:
     source_seed = stream_seed(seed, SOURCE_STREAM)
     target_seed = stream_seed(seed, TARGET_STREAM)
 
-    def batch(arrays: Arrays, index: int, stream: int) -> dict[str, jax.Array]:
-      indices = batches.train_batch_indices(len(arrays[1]), settings.batch_size, index, stream)
-      return sharding.put_batch({"image": arrays[0][indices], "label": arrays[1][indices]}, mesh)
+    def stream(arrays: Arrays, stream_seed_: int, name: str) -> input_pipeline.BatchStream:
+      return input_pipeline.BatchStream({"image": arrays[0], "label": arrays[1]},
+                                        settings.batch_size, stream_seed_, mesh,
+                                        self.input_settings, name=name)
+
+    source_stream = stream(source, source_seed, "source")
+    target_stream = stream(target, target_seed, "target") if target is not None else None
 
     def step(state: steps.TrainState, index: int):
-      target_batch = batch(target, index, target_seed) if target is not None else None
-      return self.step_fn(state, batch(source, index, source_seed), target_batch, rng)
+      target_batch = target_stream(index) if target_stream is not None else None
+      return self.step_fn(state, source_stream(index), target_batch, rng)
 
     loop = resumable.LoopSettings.of(
         settings, self.total_steps, self.steps_per_epoch,
         divergence_hint=f"{PREFIX}.learning_rate or {PREFIX}.lambda_")
-    result = resumable.run_resumable(
-        state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
-        what="fine-tuning", step_callback=step_callback,
-        start_message=f"on {len(source[1])} source / "
-                      f"{len(target[1]) if target is not None else 'no'} target examples")
+    try:
+      result = resumable.run_resumable(
+          state, step, loop=loop, directory=Path(directory), meta=meta, description=description,
+          what="fine-tuning", step_callback=step_callback,
+          start_message=f"on {len(source[1])} source / "
+                        f"{len(target[1]) if target is not None else 'no'} target examples")
+    finally:
+      source_stream.close()
+      if target_stream is not None:
+        target_stream.close()
     state = result.state
     return FinetuneResult(
         variables=jax.device_get({"params": state.params, "batch_stats": state.batch_stats}),

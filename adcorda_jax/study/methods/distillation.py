@@ -45,7 +45,8 @@ class Distillation(CompressionMethod):
     distiller = Distiller(original.model, original.variables, student, settings,
                           total_steps=settings.epochs * steps_per_epoch,
                           steps_per_epoch=steps_per_epoch,
-                          num_classes=compressor.dataset.num_classes)
+                          num_classes=compressor.dataset.num_classes,
+                          input_settings=compressor.input_settings)
     result = distiller.run(
         init, (train.images, train.labels), seed=cell.seed, directory=directory / "distill",
         meta={**original.meta, "model": student_config},
