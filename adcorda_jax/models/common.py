@@ -10,7 +10,7 @@ pruned model is the same network with narrower layers.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,8 +46,12 @@ def scaled_channels(base: int, width: float) -> int:
   return max(1, round(base * width))
 
 
-def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  """Maps [0, 1] NHWC images to (x - mean) / std with per-channel (or scalar) constants."""
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float],
+              dtype: Any = None) -> jax.Array:
+  """Maps [0, 1] NHWC images to (x - mean) / std with per-channel (or scalar) constants.
+
+  Computed in float32, returned in `dtype` (the model's compute dtype; None keeps float32).
+  """
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"models expect float images in [0, 1], got dtype {x.dtype}")
   if x.ndim != 4:
@@ -59,20 +63,41 @@ def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.
           f"{label} has {len(values)} values but images have {channels} channels")
   mean_array = jnp.asarray(mean, jnp.float32)
   std_array = jnp.asarray(std, jnp.float32)
-  return (x.astype(jnp.float32) - mean_array) / std_array
+  normalized = (x.astype(jnp.float32) - mean_array) / std_array
+  return normalized if dtype is None else normalized.astype(dtype)
 
 
-def conv(features: int, kernel_size: int, strides: int = 1, name: str | None = None) -> nn.Conv:
-  """A bias-free square conv with symmetric `kernel_size // 2` padding (PyTorch-style)."""
+def float_outputs(dtype: Any, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Logits and features leave a reduced-precision model (`dtype` bfloat16) as float32.
+
+  With `dtype` None (flax's default: the dtype follows the inputs and parameters) they are left
+  as computed, so a float64 evaluation of the same model stays float64.
+  """
+  if dtype is None:
+    return arrays
+  return tuple(array.astype(jnp.promote_types(dtype, jnp.float32)) for array in arrays)
+
+
+def conv(features: int, kernel_size: int, strides: int = 1, name: str | None = None,
+         dtype: Any = None) -> nn.Conv:
+  """A bias-free square conv with symmetric `kernel_size // 2` padding (PyTorch-style).
+
+  `dtype` is the compute dtype (None: that of the inputs); the kernel is always float32.
+  """
   pad = kernel_size // 2
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_kernel_init, name=name)
+      padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_kernel_init, name=name,
+      dtype=dtype)
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch-equivalent settings; batch statistics are used only in training."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def batch_norm(train: bool, name: str | None = None, dtype: Any = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch-equivalent settings; batch statistics are used only in training.
+
+  Statistics are reduced in float32 and kept in float32 whatever the compute `dtype`.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
+                      dtype=dtype)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -101,18 +126,20 @@ class BasicBlock(nn.Module):
   strides: int = 1
   # Output channels of conv1 (bn1, conv2's input); None = `features`. Filter pruning shrinks it.
   inner_features: int | None = None
+  dtype: Any = None  # Compute dtype (None: follow the inputs); parameters stay float32.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     residual = x
     inner = self.features if self.inner_features is None else self.inner_features
-    y = conv(inner, 3, self.strides, name="conv1")(x)
-    y = nn.relu(batch_norm(train, name="bn1")(y))
-    y = conv(self.features, 3, name="conv2")(y)
-    y = batch_norm(train, name="bn2")(y)
+    dtype = self.dtype
+    y = conv(inner, 3, self.strides, name="conv1", dtype=dtype)(x)
+    y = nn.relu(batch_norm(train, name="bn1", dtype=dtype)(y))
+    y = conv(self.features, 3, name="conv2", dtype=dtype)(y)
+    y = batch_norm(train, name="bn2", dtype=dtype)(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      residual = conv(self.features, 1, self.strides, name="shortcut_conv")(x)
-      residual = batch_norm(train, name="shortcut_bn")(residual)
+      residual = conv(self.features, 1, self.strides, name="shortcut_conv", dtype=dtype)(x)
+      residual = batch_norm(train, name="shortcut_bn", dtype=dtype)(residual)
     return nn.relu(y + residual)
 
 
@@ -160,7 +187,7 @@ class PrunableResNetChannels:
 
 def residual_stages(x: jax.Array, blocks_per_stage: Sequence[int], channels: Sequence[int],
                     strides: Sequence[int], train: bool,
-                    inner_channels: Sequence[int] = ()) -> jax.Array:
+                    inner_channels: Sequence[int] = (), dtype: Any = None) -> jax.Array:
   """Applies stages of basic blocks; call it inside a compact `__call__` so blocks attach there.
 
   Stage `s` (1-based) has `blocks_per_stage[s-1]` blocks of `channels[s-1]` channels named
@@ -176,6 +203,6 @@ def residual_stages(x: jax.Array, blocks_per_stage: Sequence[int], channels: Seq
       zip(blocks_per_stage, channels, strides), start=1):
     for block in range(num_blocks):
       x = BasicBlock(features, stride if block == 0 else 1, inner_features=inner[index],
-                     name=names[index])(x, train)
+                     dtype=dtype, name=names[index])(x, train)
       index += 1
   return x

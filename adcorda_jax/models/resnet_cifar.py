@@ -11,15 +11,15 @@ shortcuts and the stem keep their widths, so residual sums always match: this is
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 from absl import logging
 
 from adcorda_jax.models.common import (MODELS, PrunableResNetChannels, batch_norm, conv,
-                                       global_average_pool, normalize, residual_stages,
-                                       scaled_channels)
+                                       float_outputs, global_average_pool, normalize,
+                                       residual_stages, scaled_channels)
 
 # Registered depth -> blocks per stage (depth = 6n + 2).
 CIFAR_DEPTHS = {20: 3, 32: 5, 56: 9, 110: 18}
@@ -34,6 +34,9 @@ class ResNetCifar(PrunableResNetChannels, nn.Module):
   width: float = 1.0
   # Inner width (conv1 output) of every block, in order; () = the stage widths at `width`.
   channels: tuple[int, ...] = ()
+  # Compute dtype (`train.compute_dtype`: bfloat16); None follows the inputs (float32). Parameters,
+  # logits and features stay float32.
+  dtype: Any = None
 
   BASE_STAGE_CHANNELS = (16, 32, 64)
 
@@ -42,14 +45,15 @@ class ResNetCifar(PrunableResNetChannels, nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-    x = normalize(x, self.mean, self.std)
-    x = conv(scaled_channels(16, self.width), 3, name="conv1")(x)
-    x = nn.relu(batch_norm(train, name="bn1")(x))
+    x = normalize(x, self.mean, self.std, self.dtype)
+    x = conv(scaled_channels(16, self.width), 3, name="conv1", dtype=self.dtype)(x)
+    x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
     x = residual_stages(
         x, blocks_per_stage=self._stages(), channels=self.stage_channels(),
-        strides=(1, 2, 2), train=train, inner_channels=self.layer_channels())
+        strides=(1, 2, 2), train=train, inner_channels=self.layer_channels(), dtype=self.dtype)
     features = global_average_pool(x)
-    logits = nn.Dense(self.num_classes, name="classifier")(features)
+    logits = nn.Dense(self.num_classes, name="classifier", dtype=self.dtype)(features)
+    logits, features = float_outputs(self.dtype, logits, features)
     return (logits, features) if return_features else logits
 
 

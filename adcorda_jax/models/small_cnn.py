@@ -6,13 +6,13 @@ the widths of conv1..conv4 (filter pruning); the hidden and classifier layers ke
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 
-from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, conv, max_pool_2x2,
-                                       normalize, scaled_channels)
+from adcorda_jax.models.common import (MODELS, PrunableConv, batch_norm, conv, float_outputs,
+                                       max_pool_2x2, normalize, scaled_channels)
 
 # The second 2x2 max-pool is applied only to feature maps at least this large, so 8x8 inputs
 # (4x4 after the first pool) keep a 4x4 map instead of collapsing to 2x2.
@@ -28,6 +28,9 @@ class SmallCNN(nn.Module):
   dropout: float = 0.0
   # Output channels of conv1..conv4; () = the defaults at `width`.
   channels: tuple[int, ...] = ()
+  # Compute dtype (`train.compute_dtype`: bfloat16); None follows the inputs (float32). Parameters,
+  # logits and features stay float32.
+  dtype: Any = None
 
   def default_channels(self) -> tuple[int, ...]:
     """conv1..conv4 widths at `width`: 32, 32, 64, 64 scaled."""
@@ -46,16 +49,18 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-    x = normalize(x, self.mean, self.std)
+    x = normalize(x, self.mean, self.std, self.dtype)
     for index, channels in enumerate(self.layer_channels(), start=1):
-      x = conv(channels, 3, name=f"conv{index}")(x)
-      x = nn.relu(batch_norm(train, name=f"bn{index}")(x))
+      x = conv(channels, 3, name=f"conv{index}", dtype=self.dtype)(x)
+      x = nn.relu(batch_norm(train, name=f"bn{index}", dtype=self.dtype)(x))
       if index == 2 or (index == 4 and min(x.shape[1:3]) >= MIN_SIZE_FOR_SECOND_POOL):
         x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
-    features = nn.relu(nn.Dense(scaled_channels(128, self.width), name="hidden")(x))
+    features = nn.relu(nn.Dense(scaled_channels(128, self.width), name="hidden",
+                                dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(features)
-    logits = nn.Dense(self.num_classes, name="classifier")(x)
+    logits = nn.Dense(self.num_classes, name="classifier", dtype=self.dtype)(x)
+    logits, features = float_outputs(self.dtype, logits, features)
     return (logits, features) if return_features else logits
 
 
