@@ -9,7 +9,7 @@ Attack: untargeted L-inf PGD, eps 8/255, step 2/255, 10 steps, uniform random st
 [-eps, eps] clamped to [0, 1], cross-entropy loss (mean over the batch), as torchattacks.PGD.
 
 Models (random init, eval mode, parameters frozen; only the input requires grad), mirroring
-adcorda_jax/models exactly in layer structure:
+adcorda_jax/models exactly in layer structure (the batch is each model's default; see --batches):
   small_cnn : 28x28x1, 10 classes, batch 512
               normalize -> [conv3x3(32)-BN-ReLU] x2 -> maxpool2 -> [conv3x3(64)-BN-ReLU] x2
               -> maxpool2 -> flatten -> Linear(3136,128)-ReLU -> dropout(eval) -> Linear(128,10)
@@ -23,14 +23,40 @@ Variants (all run the same PGD loop):
   channels_last : eager, model and inputs in torch.channels_last memory format
   compile       : torch.compile(model) (default mode), NCHW inputs
 
-Protocol: one full attack per (model, variant) as warm-up (includes torch.compile time; not
-counted), then --repeats rounds in which every variant runs one full attack, interleaved
-(A1 B1 C1 A2 B2 C2 ...). Throughput = batch * steps / wall seconds of one attack (img*step/s);
-median and min over repeats are reported. Threads: torch's default (printed).
+Cases: one per (model, batch). By default each model runs only its default batch above;
+`--batches` overrides that (repeatable; later specs win; models not named keep their default):
+  --batches 64,1024                     every selected model at batch 64, then at batch 1024
+  --batches small_cnn=512,4096 --batches resnet20=256,2048
+  --batches 'small_cnn=512,4096;resnet20=256,2048'   (the same, in one quoted argument)
 
-Example:
+Device: `--device cpu` (default), `cuda` / `cuda:N`, or `auto` (cuda if available, else cpu).
+Models, inputs and labels live on that device (the data are drawn on the CPU from the fixed seed
+and copied, so every device attacks the same images). On CUDA: torch.backends.cudnn.benchmark is
+set, and torch.cuda.synchronize() runs before each timer starts and before it stops (the
+warm-up attack also absorbs cuDNN autotuning). Torch's TF32 defaults are left alone unless
+`--float32-matmul-precision` is given (both settings are recorded).
+
+Protocol: per (model, batch) case, one full attack per variant as warm-up (includes
+torch.compile time; not counted), then --repeats rounds in which every variant runs one full
+attack, interleaved (A1 B1 C1 A2 B2 C2 ...). Throughput = batch * steps / wall seconds of one
+attack (img*step/s); median and min over repeats are reported. Threads: torch's default
+(printed). torch._dynamo is reset before each case, so no compiled code (or dynamic-shape
+guess) carries over from one batch size to the next. `--keep-going`: a variant that raises
+(e.g. CUDA out of memory, compile failure) is reported, recorded with an `error` field and
+dropped from its case instead of ending the run.
+
+JSON records (`--json`), one per (model, batch, variant): framework, variant, model, batch,
+img_steps_per_second_median, img_steps_per_second_min, repeats, torch_version, threads,
+device ("cpu" / "cuda" / "cuda:N"), device_name (GPU name, or the CPU model), cuda_version,
+cudnn_version (None on CPU), cudnn_benchmark, cudnn_allow_tf32, float32_matmul_precision,
+steps, pgd_impl, warmup_seconds, attack_seconds (per repeat); plus `error` (and null rates)
+for a variant dropped under --keep-going.
+
+Examples:
   nice -n 19 /tmp/torchvenv/bin/python benchmarks/torch_pgd_reference.py --repeats 5 \
       --json torch_pgd.json
+  python benchmarks/torch_pgd_reference.py --device cuda --repeats 5 \
+      --batches small_cnn=512,4096 --batches resnet20=256,2048 --json torch_pgd_gpu.json
 """
 from __future__ import annotations
 
@@ -41,6 +67,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -54,6 +81,100 @@ SEED = 0
 
 ALL_MODELS = ("small_cnn", "resnet20")
 ALL_VARIANTS = ("torchattacks", "channels_last", "compile")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+# ------------------------------------------------------------------------------------ device
+# Shared with torch_train_reference.py.
+
+
+def add_device_arguments(parser):
+  """--device, --float32-matmul-precision and --keep-going."""
+  parser.add_argument("--device", default="cpu",
+                      help="cpu (default), cuda, cuda:N, or auto (cuda if available, else cpu)")
+  parser.add_argument("--float32-matmul-precision", choices=MATMUL_PRECISIONS, default=None,
+                      help="torch.set_float32_matmul_precision(...) (default: leave torch's "
+                           "default; 'high' allows TF32 matmuls on CUDA)")
+  parser.add_argument("--keep-going", action="store_true",
+                      help="record a variant that raises (e.g. CUDA OOM) as an error and go on")
+
+
+def setup_device(args, parser):
+  """Resolves and configures --device; returns the torch.device (parser.error if unusable)."""
+  name = args.device.strip().lower()
+  if name == "auto":
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+  try:
+    device = torch.device(name)
+  except RuntimeError as error:
+    parser.error(f"--device: {error}")
+  if device.type == "cuda":
+    if not torch.cuda.is_available():
+      parser.error(f"--device {args.device}: CUDA is not available in this torch "
+                   f"({torch.__version__})")
+    if device.index is not None:
+      if device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA devices")
+      torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+  elif device.type != "cpu":
+    parser.error(f"--device {args.device}: only cpu, cuda, cuda:N and auto are supported")
+  if args.float32_matmul_precision is not None:
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
+  return device
+
+
+def synchronize(device):
+  """Waits for all queued work on `device` (a no-op on the CPU)."""
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
+def _cpu_name():
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+      for line in handle:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def device_info(device):
+  """Device fields of every JSON record."""
+  cuda = device.type == "cuda"
+  return {
+      "device": str(device),
+      "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+      "cuda_version": torch.version.cuda if cuda else None,
+      "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+      "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+      "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+      "float32_matmul_precision": torch.get_float32_matmul_precision(),
+  }
+
+
+def describe_device(info):
+  """One header line for `device_info(...)`."""
+  text = f"device {info['device']} ({info['device_name']})"
+  if info["cuda_version"] is not None:
+    text += (f", CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}, "
+             f"cudnn.benchmark {info['cudnn_benchmark']}, cudnn TF32 {info['cudnn_allow_tf32']}")
+  return text + f", float32 matmul precision {info['float32_matmul_precision']}"
+
+
+def release_memory(device):
+  """Frees cached CUDA blocks between cases (a no-op on the CPU)."""
+  if device.type == "cuda":
+    torch.cuda.empty_cache()
+
+
+def reset_compiled():
+  """Drops torch.compile caches, so nothing compiled (or guessed dynamic) leaks between cases."""
+  dynamo = getattr(torch, "_dynamo", None)
+  if dynamo is not None and hasattr(dynamo, "reset"):
+    dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------- models
@@ -156,7 +277,7 @@ class ResNetCifar(nn.Module):
     return self.classifier(x)
 
 
-# name -> (builder, input shape NCHW without batch, num_classes, batch)
+# name -> (builder, input shape NCHW without batch, num_classes, default batch)
 MODEL_SPECS = {
     "small_cnn": (lambda: SmallCNN(num_classes=10), (1, 28, 28), 10, 512),
     "resnet20": (lambda: ResNetCifar(num_classes=100, blocks_per_stage=3), (3, 32, 32), 100, 256),
@@ -225,13 +346,137 @@ def prepare_variant(variant, base_model, images):
   raise ValueError(f"unknown variant {variant!r}")
 
 
-def time_attack(attack, images, labels):
+def time_attack(attack, images, labels, device):
+  synchronize(device)
   start = time.perf_counter()
   adv = attack(images, labels)
+  synchronize(device)
   elapsed = time.perf_counter() - start
   # Sanity: stays inside the eps ball and [0, 1].
   assert float((adv - images).abs().max()) <= EPS + 1e-6
   return elapsed
+
+
+def parse_batches(specs, models, parser):
+  """--batches specs -> {model: [batch, ...]} for the selected models (defaults otherwise)."""
+  batches = {m: [MODEL_SPECS[m][3]] for m in models}
+  for spec in specs or ():
+    for part in spec.split(";"):
+      part = part.strip()
+      if not part:
+        continue
+      if "=" in part:
+        name, values = (t.strip() for t in part.split("=", 1))
+        if name not in MODEL_SPECS:
+          parser.error(f"--batches {part!r}: unknown model {name!r}; choose from {ALL_MODELS}")
+        targets = [name] if name in batches else []  # A model not in --models: ignored.
+      else:
+        targets, values = list(models), part
+      sizes = []
+      for value in values.split(","):
+        value = value.strip()
+        if not value:
+          continue
+        try:
+          size = int(value)
+        except ValueError:
+          size = 0
+        if size < 1:
+          parser.error(f"--batches {part!r}: {value!r} is not a positive integer")
+        if size not in sizes:
+          sizes.append(size)
+      if not sizes:
+        parser.error(f"--batches {part!r}: no batch sizes")
+      for target in targets:
+        batches[target] = sizes
+  return batches
+
+
+def run_case(model_name, batch, variants, factory, impl_desc, args, device, info):
+  """Warm-up plus interleaved timed attacks of every variant for one (model, batch)."""
+  builder, shape, num_classes, _ = MODEL_SPECS[model_name]
+  tag = f"[{model_name} b{batch}]"
+  reset_compiled()
+  torch.manual_seed(SEED)
+  base_model = builder().eval().to(device)
+  images = torch.rand((batch,) + shape).to(device)
+  labels = torch.randint(0, num_classes, (batch,)).to(device)
+  threads = torch.get_num_threads()
+
+  def record(variant, times, warmup, error=None):
+    rates = [batch * STEPS / t for t in times]
+    rec = {
+        "framework": "torch",
+        "variant": variant,
+        "model": model_name,
+        "batch": batch,
+        "img_steps_per_second_median": statistics.median(rates) if rates else None,
+        "img_steps_per_second_min": min(rates) if rates else None,
+        "repeats": args.repeats,
+        "torch_version": torch.__version__,
+        "threads": threads,
+        **info,
+        # Extra context (not needed for the comparison itself).
+        "steps": STEPS,
+        "pgd_impl": impl_desc,
+        "warmup_seconds": warmup,
+        "attack_seconds": times,
+    }
+    if error is not None:
+      rec["error"] = error
+    return rec
+
+  def failed(variant, stage):
+    """Called in an `except` block under --keep-going: prints the traceback, returns a summary."""
+    error = traceback.format_exc()
+    print(f"{tag} {variant}: FAILED in {stage}:\n{error}", flush=True)
+    return f"{stage}: {error.strip().splitlines()[-1]}"
+
+  setups, errors = {}, {}
+  for variant in variants:
+    torch.manual_seed(SEED)
+    try:
+      model, var_images = prepare_variant(variant, base_model, images)
+      attack = factory(model)
+      warmup = time_attack(attack, var_images, labels, device)
+    except Exception:  # Swallowed only under --keep-going.
+      if not args.keep_going:
+        raise
+      errors[variant] = failed(variant, "warm-up")
+    if variant in errors:
+      release_memory(device)  # Outside the except block: the traceback no longer pins memory.
+      continue
+    print(f"{tag} {variant}: warm-up attack {warmup:.2f}s", flush=True)
+    setups[variant] = (attack, var_images, warmup)
+
+  times = {v: [] for v in variants}
+  for rep in range(args.repeats):
+    for variant in variants:  # interleaved: A1 B1 C1 A2 B2 C2 ...
+      if variant not in setups:
+        continue
+      attack, var_images, _ = setups[variant]
+      try:
+        elapsed = time_attack(attack, var_images, labels, device)
+      except Exception:  # Swallowed only under --keep-going.
+        if not args.keep_going:
+          raise
+        errors[variant] = failed(variant, f"repeat {rep + 1}")
+      if variant in errors:
+        del setups[variant]
+        release_memory(device)
+        continue
+      times[variant].append(elapsed)
+      print(f"{tag} rep {rep + 1}/{args.repeats} {variant}: {elapsed:.3f}s "
+            f"({batch * STEPS / elapsed:.1f} img*step/s)", flush=True)
+
+  records = []
+  for variant in variants:
+    warmup = setups[variant][2] if variant in setups else None
+    records.append(record(variant, times[variant] if variant in setups else [], warmup,
+                          errors.get(variant)))
+  del setups, base_model, images, labels
+  release_memory(device)
+  return records
 
 
 def main(argv=None):
@@ -240,10 +485,15 @@ def main(argv=None):
                       help=f"comma-separated subset of {ALL_MODELS}")
   parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
                       help=f"comma-separated subset of {ALL_VARIANTS}")
+  parser.add_argument("--batches", action="append", default=None, metavar="SPEC",
+                      help="batch sizes overriding the per-model default (repeatable): "
+                           "'N[,N...]' for every selected model, or 'MODEL=N[,N...]' "
+                           "(several joined by ';'); e.g. small_cnn=512,4096")
   parser.add_argument("--repeats", type=int, default=5, help="timed attacks per variant")
   parser.add_argument("--json", default=None, help="write JSON records to this path")
   parser.add_argument("--pgd-impl", choices=("auto", "torchattacks", "reimpl"), default="auto",
                       help="torchattacks.PGD if importable (auto), or force one")
+  add_device_arguments(parser)
   args = parser.parse_args(argv)
 
   models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -256,66 +506,36 @@ def main(argv=None):
       parser.error(f"unknown variant {v!r}; choose from {ALL_VARIANTS}")
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
+  batches = parse_batches(args.batches, models, parser)
+  device = setup_device(args, parser)
+  info = device_info(device)
 
   factory, impl_desc = make_attack_factory(args.pgd_impl)
   threads = torch.get_num_threads()
   print(f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
         f"threads {threads}, interop threads {torch.get_num_interop_threads()}")
+  print(describe_device(info))
   print(f"attack: {impl_desc}; L-inf eps 8/255, step 2/255, {STEPS} steps, random start")
-  print(f"models {models}, variants {variants}, repeats {args.repeats}", flush=True)
+  print(f"models {models}, variants {variants}, repeats {args.repeats}, "
+        f"batches {batches}", flush=True)
 
   records = []
   for model_name in models:
-    builder, shape, num_classes, batch = MODEL_SPECS[model_name]
-    torch.manual_seed(SEED)
-    base_model = builder().eval()
-    images = torch.rand((batch,) + shape)
-    labels = torch.randint(0, num_classes, (batch,))
-
-    setups = {}
-    for variant in variants:
-      torch.manual_seed(SEED)
-      model, var_images = prepare_variant(variant, base_model, images)
-      attack = factory(model)
-      warmup = time_attack(attack, var_images, labels)
-      print(f"[{model_name}] {variant}: warm-up attack {warmup:.2f}s", flush=True)
-      setups[variant] = (attack, var_images, warmup)
-
-    times = {v: [] for v in variants}
-    for rep in range(args.repeats):
-      for variant in variants:  # interleaved: A1 B1 C1 A2 B2 C2 ...
-        attack, var_images, _ = setups[variant]
-        elapsed = time_attack(attack, var_images, labels)
-        times[variant].append(elapsed)
-        print(f"[{model_name}] rep {rep + 1}/{args.repeats} {variant}: {elapsed:.3f}s "
-              f"({batch * STEPS / elapsed:.1f} img*step/s)", flush=True)
-
-    for variant in variants:
-      rates = [batch * STEPS / t for t in times[variant]]
-      records.append({
-          "framework": "torch",
-          "variant": variant,
-          "model": model_name,
-          "batch": batch,
-          "img_steps_per_second_median": statistics.median(rates),
-          "img_steps_per_second_min": min(rates),
-          "repeats": args.repeats,
-          "torch_version": torch.__version__,
-          "threads": threads,
-          # Extra context (not needed for the comparison itself).
-          "steps": STEPS,
-          "pgd_impl": impl_desc,
-          "warmup_seconds": setups[variant][2],
-          "attack_seconds": times[variant],
-      })
+    for batch in batches[model_name]:
+      records.extend(run_case(model_name, batch, variants, factory, impl_desc, args, device,
+                              info))
 
   print()
   print(f"torch {torch.__version__}, {threads} threads, {impl_desc}, "
         f"{args.repeats} repeats, {STEPS}-step L-inf PGD")
+  print(describe_device(info))
   print()
   print("| model | variant | batch | img*step/s (median) | img*step/s (min) | s/attack (median) |")
   print("|---|---|---:|---:|---:|---:|")
   for r in records:
+    if r.get("error") is not None:
+      print(f"| {r['model']} | {r['variant']} | {r['batch']} | failed | | {r['error']} |")
+      continue
     print(f"| {r['model']} | {r['variant']} | {r['batch']} | "
           f"{r['img_steps_per_second_median']:.1f} | {r['img_steps_per_second_min']:.1f} | "
           f"{statistics.median(r['attack_seconds']):.3f} |")
