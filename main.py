@@ -4,13 +4,15 @@ Any config field can be overridden, e.g. `--config.train.epochs=3`. All logic li
 `adcorda_jax`; this file parses flags, sets up (multi-host) JAX, and runs `config.task`. Every
 failure a user can cause ends in one line on stderr and a non-zero exit: 1 for errors, 2 for bad
 flags, 130 / 143 after SIGINT / SIGTERM (the run saves first; rerun the same command to resume).
+A process of a multi-process run that fails exits at once, so its peers stop too (see
+`adcorda_jax.distributed`).
 """
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from adcorda_jax import cli_errors, interrupts, log_filters, runtime, tasks
+from adcorda_jax import cli_errors, distributed, interrupts, log_filters, runtime, tasks
 from adcorda_jax.errors import AdcordaError
 
 FLAGS = flags.FLAGS
@@ -41,16 +43,17 @@ def main(argv):
       runtime.setup_jax(config)
       tasks.run_task(config, FLAGS.workdir)
   except AdcordaError as e:
-    sys.exit(f"error: {e}")
+    distributed.exit_with(f"error: {distributed.lost_peer_line(e) or e}")
   except interrupts.Interrupted as e:
     saved = f": {e.saved}" if e.saved else "; work finished so far is kept"
     print(f"interrupted by {e}{saved}; rerun the same command to resume", file=sys.stderr)
     interrupts.exit_now(e.exit_code)
-  except Exception as e:  # A full disk can surface anywhere, wrapped by any library.
-    line = cli_errors.disk_full_line(e)
+  except Exception as e:  # A full disk (or a lost peer) can surface anywhere, wrapped.
+    line = distributed.lost_peer_line(e) or cli_errors.disk_full_line(e)
     if line is None:
+      distributed.exit_with_traceback()  # Only in a multi-process run: its peers must not wait.
       raise
-    sys.exit(f"error: {line}")
+    distributed.exit_with(f"error: {line}")
 
 
 if __name__ == "__main__":

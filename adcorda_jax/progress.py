@@ -12,6 +12,8 @@ from typing import Any
 import tqdm
 from absl import logging
 
+from adcorda_jax import workdir as workdir_lib
+
 
 class Progress:
   """Counts work units toward `total` and reports rate and ETA."""
@@ -23,7 +25,8 @@ class Progress:
     self._start_done = initial
     self._start = self._last_log = time.perf_counter()
     self._postfix: dict[str, Any] = {}
-    interactive = sys.stderr.isatty() if interactive is None else interactive
+    if interactive is None:  # One bar per run: a multi-process run's other processes draw none.
+      interactive = sys.stderr.isatty() and workdir_lib.is_writer()
     self._bar = (tqdm.tqdm(total=total, initial=initial, desc=description, unit=unit,
                            dynamic_ncols=True, leave=False) if interactive else None)
 

@@ -26,13 +26,29 @@ RESULTS_FILE = "results.json"
 
 
 def is_writer() -> bool:
-  """Only process 0 writes artifacts in a multi-host run."""
+  """Only process 0 writes artifacts in a multi-host run.
+
+  The other processes read the workdir (it must be on a filesystem every process sees) and
+  write nothing there but their own shards of orbax checkpoints (`ocdbt.process_<i>/`,
+  `array_metadatas/process_<i>` inside a step being saved, as orbax lays them out).
+  """
   return jax.process_index() == 0
 
 
+def makedirs(path: str | os.PathLike) -> Path:
+  """Creates the folder `path` (and its parents) on the writer process; returns it."""
+  path = Path(path)
+  if is_writer():
+    path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
 def prepare(workdir: str | os.PathLike) -> Path:
-  """Creates `workdir` if needed and checks that it is writable."""
+  """Creates `workdir` if needed and checks that it is writable (the writer process only: the
+  others wait for it in `pipeline.open_run`)."""
   path = Path(workdir).expanduser()
+  if not is_writer():
+    return path
   for parent in (path, *path.parents):
     if parent.exists() and not parent.is_dir():
       where = "" if parent == path else f"cannot be created: {str(parent)!r} "

@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = "robustness"
   config.seed = 0                 # Seeds the attacks' random starts (the data uses the run's seed).
   config.distributed = False      # Call jax.distributed.initialize() (multi-host TPU/GPU).
+  # Multi-process (config.distributed=True): process 0's "host:port", the process count and this
+  # process's index; ""/0/-1 = auto-detect (SLURM, Open MPI, Cloud TPU, $JAX_COORDINATOR_ADDRESS).
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
+  config.distributed_timeout_seconds = 0  # Peer connect wait and lost-peer detection; 0 = JAX's.
   config.cpu_devices = 0     # >0: run the CPU as that many JAX devices (attacks: ~15% faster at 2).
 
   robustness = config.robustness = ml_collections.ConfigDict()

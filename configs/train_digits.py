@@ -13,6 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = "train"          # What main.py runs; see adcorda_jax.tasks.TASKS.
   config.seed = 0                # Seeds splits, shuffling, initialization and augmentation.
   config.distributed = False     # Call jax.distributed.initialize() (multi-host TPU/GPU).
+  # Multi-process (config.distributed=True): process 0's "host:port", the process count and this
+  # process's index; ""/0/-1 = auto-detect (SLURM, Open MPI, Cloud TPU, $JAX_COORDINATOR_ADDRESS).
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
+  config.distributed_timeout_seconds = 0  # Peer connect wait and lost-peer detection; 0 = JAX's.
   config.cpu_devices = 0     # >0: run the CPU as that many JAX devices (attacks: ~15% faster at 2).
 
   config.data = ml_collections.ConfigDict()
@@ -27,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ""     # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets).
   config.data.tfds_download = True   # Let TFDS download/prepare missing datasets.
   config.data.augment = False        # Random crop (see train.augment_padding) + horizontal flip.
+  # Training splits: "device" keeps them on the devices (batches gathered by index in a jitted
+  # program), "host" prefetches each next batch; "auto" = device when a copy fits in
+  # device_memory_fraction of device memory. Same batches, same results either way.
+  config.data.placement = "auto"
+  config.data.device_memory_fraction = 0.25
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"    # See adcorda_jax.models.MODELS.
@@ -56,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.step_boundaries = (0.5, 0.75)  # step schedule: fractions of training.
   config.train.step_decay = 0.1      # step schedule: factor at each boundary.
   config.train.label_smoothing = 0.0
+  # Training compute dtype: float32, or bfloat16 (mixed precision: parameters, optimizer state,
+  # BatchNorm statistics and the loss stay float32; evaluation and attacks run in float32).
+  config.train.compute_dtype = "float32"
   config.train.augment_padding = 4   # Crop padding when data.augment is on.
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 0  # 0 = once per epoch.

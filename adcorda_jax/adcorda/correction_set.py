@@ -181,8 +181,7 @@ def save_corrected_set(directory: str | Path, corrected: CorrectedSet,
 
   The stats (counts) are recorded in the sidecar but not compared on load: they are outcomes.
   """
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  directory = workdir_lib.makedirs(directory)
   arrays_path = directory / ARRAYS_FILE
   save_npz_atomic(arrays_path, _arrays(corrected))
   workdir_lib.write_json_atomic(directory / SIDECAR_FILE, {

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from adcorda_jax.attacks.compile import attack_jit
-from adcorda_jax import faults, workdir as workdir_lib
+from adcorda_jax import distributed, faults, workdir as workdir_lib
 from adcorda_jax.attacks import validation
 from adcorda_jax.attacks.losses import AttackResult, LogitsFn
 from adcorda_jax.attacks.specs import AttackSpec, check_eps
@@ -141,11 +140,9 @@ def _attack_batch(spec, logits_fn, keep_adversarial, eps_is_zero, params, images
 
 
 def _to_host(outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-  """Gathers batch-sharded outputs to numpy (across processes in a multi-host run)."""
-  if jax.process_count() > 1:
-    return {k: np.asarray(v) for k, v in
-            multihost_utils.process_allgather(outputs, tiled=True).items()}
-  return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}
+  """Gathers batch-sharded outputs to numpy: every process gets the whole batch (a collective
+  across processes in a multi-host run, where each process holds its rows only)."""
+  return distributed.gather_to_host(dict(outputs))
 
 
 def _padded(images: np.ndarray, labels: np.ndarray, start: int,
@@ -278,8 +275,7 @@ def attack_split(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images: np.
   num_batches = -(-len(labels) // batch_size)
   batch_dir = None
   if out_dir is not None:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir_lib.makedirs(out_dir)  # The writer's; the other processes only read.
     claim(out_dir, fingerprint(spec, eps, images, labels, batch_size, key, save_adversarial))
     merged_path = out_dir / ARRAYS_FILE
     if merged_path.exists():
@@ -287,8 +283,7 @@ def attack_split(spec: AttackSpec, logits_fn: LogitsFn, params: Any, images: np.
       if arrays is not None:
         _remove_batches(out_dir / BATCH_DIR)  # Left behind by a kill right after merging.
         return _result(spec, eps, arrays, 0, num_batches, merged_path)
-    batch_dir = out_dir / BATCH_DIR
-    batch_dir.mkdir(exist_ok=True)
+    batch_dir = workdir_lib.makedirs(out_dir / BATCH_DIR)
 
   finished = _load_finished(batch_dir, num_batches)
   loaded = len(finished)

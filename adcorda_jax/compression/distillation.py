@@ -243,10 +243,9 @@ class Distiller:
     """
     settings, mesh = self.settings, self.mesh
     images, labels = data
-    replicated = sharding.replicated(mesh)
     student_variables = jax.device_get(student_variables)  # The step donates its input state.
-    state = jax.device_put(self._initial_state(student_variables, images, seed), replicated)
-    rng = jax.device_put(jax.random.key(seed), replicated)
+    state = sharding.replicate(self._initial_state(student_variables, images, seed), mesh)
+    rng = sharding.replicate(jax.random.key(seed), mesh)
 
     stream = input_pipeline.BatchStream({"image": images, "label": labels},
                                         settings.batch_size, seed, mesh, self.input_settings)

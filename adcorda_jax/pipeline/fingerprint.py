@@ -19,10 +19,16 @@ from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.errors import AdcordaError, CheckpointError
 
 # Fields that may change between a run and its resumption without invalidating artifacts:
-# logging and checkpoint cadence, and how the machine is split into devices.
+# logging and checkpoint cadence, and how the machine is split into devices and processes (each
+# process of a multi-process run has its own process_id; a rerun may use another port).
 RESUMABLE_KEYS = frozenset({
     "train.log_every_steps", "train.max_checkpoints", "distributed", "cpu_devices",
-    "adapt.log_every_steps", "adapt.max_checkpoints", "adapt.checkpoint_every_steps"})
+    "coordinator_address", "num_processes", "process_id", "distributed_timeout_seconds",
+    "adapt.log_every_steps", "adapt.max_checkpoints", "adapt.checkpoint_every_steps",
+    "data.placement", "data.device_memory_fraction"})
+# Config keys added after runs were first saved, with the default that reproduces those runs: a
+# record without the key equals a config holding that default, so saved runs still resume.
+ADDED_AT_DEFAULT = {"train.compute_dtype": "float32"}
 
 
 def normalized(tree: Any) -> Any:
@@ -45,6 +51,10 @@ def differences(old: dict[str, Any], new: dict[str, Any],
   """The sorted dotted keys whose (JSON-normalized) values differ, excluding `ignore`."""
   ignore = frozenset(ignore)
   old_flat, new_flat = flatten(normalized(old)), flatten(normalized(new))
+  for key, default in ADDED_AT_DEFAULT.items():
+    for flat in (old_flat, new_flat):
+      if key not in flat and any(k.startswith(key.split(".")[0] + ".") for k in flat):
+        flat[key] = default
   return sorted(k for k in set(old_flat) | set(new_flat)
                 if k not in ignore and old_flat.get(k) != new_flat.get(k))
 

@@ -35,7 +35,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from adcorda_jax import __version__
+from adcorda_jax import __version__, distributed
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.errors import CheckpointError, ConfigError
 from adcorda_jax.pipeline import fingerprint
@@ -53,7 +53,9 @@ def locked(workdir: Path) -> Iterator[None]:
   """Holds an exclusive lock on `workdir` (released on any exit, `kill -9` included).
 
   A second run on the same workdir is refused with a one-line error naming the holder's PID.
-  Only the writer process locks: the other processes of a multi-host run share its workdir.
+  Only the writer process locks: the other processes of a multi-host run share its workdir
+  (a second multi-process run is refused by its process 0; the others then stop, having lost
+  their peer).
   """
   if not workdir_lib.is_writer():
     yield
@@ -187,6 +189,7 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *, t
   their previous values.
   """
   path = workdir_lib.prepare(workdir)
+  distributed.barrier("open_run: prepared")  # The other processes read it once it exists.
   current = workdir_lib.config_to_dict(config)
   ignore, extendable = frozenset(ignore), frozenset(extendable)
   extended_from: dict[str, Any] = {}
@@ -206,6 +209,8 @@ def open_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *, t
         finished = None  # Extended, or staged (the stages decide what is still valid).
     if finished is not None:
       logging.info("Run in %s already finished; returning its saved results.", path)
+    # Every process has read the workdir as it was before the writer changes anything.
+    distributed.barrier("open_run: checked")
     yield Run(path=path, task=task, config=current, finished=finished,
               extended_from=extended_from)
 

@@ -43,7 +43,7 @@ class Stage:
                   if k in self.keys or k not in self.retired_keys}
       check(recorded, self.keys, f"stage {self.name!r} in {str(self.directory)!r}")
       return self
-    self.directory.mkdir(parents=True, exist_ok=True)
+    workdir_lib.makedirs(self.directory)
     workdir_lib.write_json_atomic(path, self.keys)
     return self
 

@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from adcorda_jax import faults, interrupts, workdir as workdir_lib
+from adcorda_jax import distributed, faults, interrupts, workdir as workdir_lib
 from adcorda_jax.errors import CheckpointError
 from adcorda_jax.models import create_model
 
@@ -96,8 +96,9 @@ class Checkpointer:
     a one-line CheckpointError; the partial step is removed and the earlier steps are kept.
     """
     needed = _tree_bytes(state) + _METADATA_BYTES
-    if workdir_lib.is_writer() and shutil.disk_usage(self.directory).free < needed:
+    if shutil.disk_usage(self.directory).free < needed:
       # Checked first: orbax's threads report a write that runs out of space mid-way noisily.
+      # Every process checks (one shared filesystem), so all of them stop with this line.
       raise CheckpointError(workdir_lib.disk_full_message(
           self.directory / str(step), needed, self._kept_message(step)))
     with interrupts.deferred():
@@ -112,8 +113,9 @@ class Checkpointer:
       except Exception as e:
         if not workdir_lib.is_disk_full(e):
           raise
-        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(partial, ignore_errors=True)
+        if workdir_lib.is_writer():
+          for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(workdir_lib.disk_full_message(
             self.directory / str(step), needed, self._kept_message(step))) from None
 
@@ -146,14 +148,18 @@ class Checkpointer:
     return None
 
   def _move_aside(self, step: int) -> Path:
+    """Moves step `step` to CORRUPT_DIR: the writer moves it, every process then reloads."""
+    distributed.barrier(f"checkpoint step {step} found corrupt")  # All look before it moves.
     aside_dir = self.directory.parent / CORRUPT_DIR
-    aside_dir.mkdir(exist_ok=True)
     aside = aside_dir / str(step)
     suffix = 1
     while aside.exists():
       aside, suffix = aside_dir / f"{step}.{suffix}", suffix + 1
     with interrupts.deferred():
-      (self.directory / str(step)).rename(aside)
+      if workdir_lib.is_writer():
+        aside_dir.mkdir(exist_ok=True)
+        (self.directory / str(step)).rename(aside)
+      distributed.barrier(f"checkpoint step {step} moved aside")
       self._manager.reload()
     return aside
 

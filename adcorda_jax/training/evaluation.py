@@ -7,14 +7,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from adcorda_jax import distributed
 from adcorda_jax.training import batches, sharding
 
 
 def to_host(value: jax.Array) -> np.ndarray:
-  """Fetches a replicated (possibly multi-host) array as numpy."""
-  if getattr(value, "is_fully_addressable", True):
-    return np.asarray(value)
-  return np.asarray(value.addressable_data(0))
+  """Fetches a (possibly multi-host) array as numpy: the whole array on every process.
+
+  A replicated array is read from this process's copy; one sharded over processes (a batch's
+  predictions) is all-gathered, so every process must call this for the same arrays.
+  """
+  return distributed.gather_to_host(value)
 
 
 def evaluate_split(eval_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],

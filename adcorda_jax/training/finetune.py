@@ -213,12 +213,11 @@ class Finetuner:
       raise ValueError(f"this Finetuner was built {'with' if self.with_target else 'without'} "
                        "an alignment loss: it needs a target set exactly then")
     settings, mesh = self.settings, self.mesh
-    replicated = sharding.replicated(mesh)
     variables = jax.device_get(variables)  # Host copies: the step donates (deletes) its input.
-    state = jax.device_put(steps.TrainState.create(
+    state = sharding.replicate(steps.TrainState.create(
         apply_fn=self.apply_fn, params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}), tx=self.tx), replicated)
-    rng = jax.device_put(jax.random.key(seed), replicated)
+        batch_stats=variables.get("batch_stats", {}), tx=self.tx), mesh)
+    rng = sharding.replicate(jax.random.key(seed), mesh)
     source_seed = stream_seed(seed, SOURCE_STREAM)
     target_seed = stream_seed(seed, TARGET_STREAM)
 

@@ -10,7 +10,8 @@ split, so both placements give exactly the batches of a host-sliced loop:
   prepared and transferred in a background thread while the current step runs (double buffer).
 
 `auto` (the default) keeps the split on the devices when one replica fits in
-`device_memory_fraction` of the smallest device's memory (host RAM for the CPU backend).
+`device_memory_fraction` of the smallest device's memory (host RAM for the CPU backend), on
+every process of a multi-process run (they agree, or all use the host).
 Settings: `data.placement` and `data.device_memory_fraction`; they do not change any result.
 """
 from __future__ import annotations
@@ -73,9 +74,12 @@ def resolve_placement(arrays: Mapping[str, np.ndarray], mesh: Mesh,
   needed = sum(np.asarray(a).nbytes for a in arrays.values())
   limits = [device_memory_bytes(d) for d in mesh.devices.flat if d.process_index ==
             jax.process_index()]
-  if not limits or any(limit is None for limit in limits):
-    return "host"
-  return "device" if needed <= settings.device_memory_fraction * min(limits) else "host"
+  fits = bool(limits) and all(limit is not None for limit in limits) and (
+      needed <= settings.device_memory_fraction * min(limits))
+  if jax.process_count() > 1:  # One answer for all processes (hosts may differ in memory).
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    fits = bool(np.all(multihost_utils.process_allgather(np.int32(fits))))
+  return "device" if fits else "host"
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from adcorda_jax import config_checks, faults, interrupts
+from adcorda_jax import config_checks, faults, interrupts, workdir as workdir_lib
 from adcorda_jax.errors import TrainingError
 from adcorda_jax.progress import Progress
 from adcorda_jax.training import metrics_log
@@ -116,7 +116,9 @@ def save_on_interrupt(interrupt: KeyboardInterrupt, checkpointer: checkpointing.
   """Saves the current state once on SIGINT/SIGTERM, if it is intact, finite and not saved yet.
 
   What was saved is noted on `interrupt` for the one line `main.py` prints (and logged when
-  the interrupt is a plain KeyboardInterrupt, e.g. in a notebook).
+  the interrupt is a plain KeyboardInterrupt, e.g. in a notebook). A multi-process run does not
+  save here (a save is a collective of every process, which may have been interrupted at
+  different steps, or alone): its last periodic checkpoint is kept.
   """
   try:
     step = int(state.step)
@@ -125,7 +127,7 @@ def save_on_interrupt(interrupt: KeyboardInterrupt, checkpointer: checkpointing.
   except RuntimeError:  # Its buffers were donated to a step that never finished.
     step, finite = -1, False
   latest = checkpointer.latest_step()
-  if finite and step > 0 and step != latest:  # Step 0 is the initial state: nothing to keep.
+  if finite and step > 0 and step != latest and jax.process_count() == 1:  # Step 0: initial.
     checkpointer.save(step, state, meta)
     latest = step
   saved = (f"step {latest} is saved in {str(checkpointer.directory)!r}" if latest is not None
@@ -150,7 +152,7 @@ def run_resumable(state: Any, step_fn: StepFn, *, loop: LoopSettings, directory:
   each epoch's end (validation); the metrics it returns are logged. Throughput counts training
   steps only: not the first (compiling) step, epoch hooks or saves.
   """
-  directory.mkdir(parents=True, exist_ok=True)
+  workdir_lib.makedirs(directory)  # The writer's; orbax waits for its folders on the others.
   checkpointer = checkpointing.Checkpointer(directory / checkpointing.CHECKPOINT_DIR,
                                             loop.max_checkpoints)
   state = restore(checkpointer, state)

@@ -55,5 +55,30 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places every leaf of `tree` on all devices of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places every leaf of `tree` on all devices of the mesh.
+
+  With several processes each one places its own copy on its own devices (every process holds
+  the same value: from the same seed, checkpoint or computation); `jax.device_put` refuses a
+  committed array (one already on a device) for devices of other processes.
+  """
+  target = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, target)
+  return jax.tree.map(lambda leaf: _replicate_leaf(leaf, target), tree)
+
+
+def _replicate_leaf(leaf: Any, target: NamedSharding) -> jax.Array:
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    data = _replicate_leaf(jax.random.key_data(leaf), target)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if leaf.sharding.is_equivalent_to(target, leaf.ndim):
+      return leaf
+    return jax.jit(_identity, out_shardings=target)(leaf)  # Gathered by XLA.
+  host = np.asarray(leaf)
+  host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)  # As device_put.
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def _identity(x: Any) -> Any:
+  return x

@@ -9,7 +9,9 @@ import functools
 from pathlib import Path
 from typing import Any, TypedDict
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -19,13 +21,15 @@ from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import count_params, create_model
 from adcorda_jax.quant.deploy import quantization_from_config
 from adcorda_jax.reporting import plots, report
-from adcorda_jax.training import (batches, checkpointing, evaluation, metrics_log, optim,
-                                  resumable, sharding, steps)
+from adcorda_jax.training import (batches, checkpointing, evaluation, input_pipeline, metrics_log,
+                                  optim, resumable, sharding, steps)
 
 # Raising these on a workdir continues its run from the last checkpoint, with the learning-rate
 # schedule of the new length from there on (so not equal to a fresh run of that length unless
 # the schedule is constant); results.json records the old values as `extended_from`.
 EXTENDABLE_KEYS = frozenset({"train.epochs"})
+# train.compute_dtype -> the dtype the training forward and backward passes compute in.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainResults(TypedDict, total=False):
@@ -59,6 +63,21 @@ def _validate(train_config: ml_collections.ConfigDict) -> None:
   config_checks.positive_int(train_config, "checkpoint_every_steps", "train", allow_zero=True)
   config_checks.fraction(train_config, "label_smoothing", "train")
   config_checks.positive_int(train_config, "augment_padding", "train", allow_zero=True)
+  config_checks.one_of(train_config, "compute_dtype", "train", tuple(COMPUTE_DTYPES),
+                       default="float32")
+
+
+def with_compute_dtype(model: nn.Module, train_config: ml_collections.ConfigDict) -> nn.Module:
+  """`model` computing in `train.compute_dtype` (float32 default, or bfloat16).
+
+  Only the compute dtype changes: parameters, optimizer state, BatchNorm statistics, logits and
+  the loss stay float32, so the trained variables are those of the float32 `model` and every
+  evaluation, attack and later stage uses them unchanged.
+  """
+  name = config_checks.one_of(train_config, "compute_dtype", "train", tuple(COMPUTE_DTYPES),
+                              default="float32")
+  dtype = COMPUTE_DTYPES[name]
+  return model if dtype == jnp.float32 else model.clone(dtype=dtype)  # float32: as built.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -92,6 +111,7 @@ def _train(config: ml_collections.ConfigDict, run: pipeline.Run,
 
   dataset = load_dataset(config.data, config.seed)
   model = create_model(config.model, dataset.num_classes, dataset.mean, dataset.std)
+  train_model = with_compute_dtype(model, train_config)  # Evaluation keeps `model` (float32).
   mesh = sharding.make_mesh()
   batch_size, eval_batch_size = train_config.batch_size, train_config.eval_batch_size
   sharding.check_divisible(batch_size, "train.batch_size", mesh)
@@ -104,8 +124,8 @@ def _train(config: ml_collections.ConfigDict, run: pipeline.Run,
 
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   replicated = sharding.replicated(mesh)
-  train_rng = jax.device_put(train_rng, replicated)
-  state = jax.jit(functools.partial(steps.create_train_state, model=model,
+  train_rng = sharding.replicate(train_rng, mesh)
+  state = jax.jit(functools.partial(steps.create_train_state, model=train_model,
                                     image_shape=dataset.image_shape, tx=tx),
                   out_shardings=replicated)(init_rng)
   augment = bool(config.data.get("augment", False))
@@ -121,11 +141,12 @@ def _train(config: ml_collections.ConfigDict, run: pipeline.Run,
   evaluate = functools.partial(evaluation.evaluate_split, eval_fn,
                                batch_size=eval_batch_size, mesh=mesh)
 
+  stream = input_pipeline.BatchStream(
+      {"image": dataset.train.images, "label": dataset.train.labels}, batch_size, config.seed,
+      mesh, input_pipeline.settings_from_config(config))
+
   def step_fn(state: steps.TrainState, index: int) -> tuple[steps.TrainState, dict]:
-    indices = batches.train_batch_indices(num_train, batch_size, index, config.seed)
-    batch = sharding.put_batch(
-        {"image": dataset.train.images[indices], "label": dataset.train.labels[indices]}, mesh)
-    return train_step(state, batch, train_rng)
+    return train_step(state, stream(index), train_rng)
 
   def validate(step: int, state: steps.TrainState) -> dict[str, float] | None:
     val = evaluate({"params": state.params, "batch_stats": state.batch_stats},
@@ -142,10 +163,11 @@ def _train(config: ml_collections.ConfigDict, run: pipeline.Run,
       max_checkpoints=train_config.max_checkpoints,
       divergence_hint="train.learning_rate or check the data", examples_per_step=batch_size)
   # The claim waits for the restore: a checkpoint that does not fit fails before it.
-  outcome = resumable.run_resumable(
-      state, step_fn, loop=loop, directory=workdir, meta=model_meta(config, dataset),
-      description="train", what="training", step_callback=step_callback,
-      on_restored=lambda _: run.claim(), epoch_end=validate)
+  with stream:
+    outcome = resumable.run_resumable(
+        state, step_fn, loop=loop, directory=workdir, meta=model_meta(config, dataset),
+        description="train", what="training", step_callback=step_callback,
+        on_restored=lambda _: run.claim(), epoch_end=validate)
   state = outcome.state
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
