@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   benchmark = config.benchmark = ml_collections.ConfigDict()
   benchmark.cases = "small_cnn/28x28x1/10/128,resnet20/32x32x3/10/128"
-  benchmark.implementations = "plain,adcorda"
+  benchmark.implementations = "plain,adcorda"  # Also: bfloat16 (train.compute_dtype=bfloat16).
   benchmark.steps = 10     # Train steps per timed run.
   benchmark.repeats = 5    # Timed runs per implementation, interleaved.
   return config

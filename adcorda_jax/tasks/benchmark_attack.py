@@ -24,6 +24,7 @@ from absl import logging
 from adcorda_jax import config_checks, pipeline
 from adcorda_jax import workdir as workdir_lib
 from adcorda_jax.attacks import benchmark
+from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.errors import ConfigError
 from adcorda_jax.models import create_model
 from adcorda_jax.models.frozen import frozen_logits_fn
@@ -111,8 +112,11 @@ def _measure_case(case: Case, devices: int, section, peak: float,
   compiled = []
   for name in implementations:
     implementation = benchmark.IMPLEMENTATIONS[name]
-    logits_fn = frozen_logits_fn(model, implementation.fast_input_gradients,
-                                 implementation.native_kernels, implementation.fuse_layers)
+    if name == "adcorda":  # What every attack of the library runs on this backend.
+      logits_fn, _ = attack_model(model, variables)
+    else:
+      logits_fn = frozen_logits_fn(model, implementation.fast_input_gradients,
+                                   implementation.native_kernels, implementation.fuse_layers)
     compiled.append(benchmark.compile_pgd(
         logits_fn, params, x, labels, eps=section.eps, step_size=section.step_size,
         steps=section.steps, compiler_options=implementation.compiler_options(backend),

@@ -21,10 +21,12 @@ import optax
 
 from adcorda_jax.training import steps
 
-# Implementation name -> `train_step(fast_convolutions=...)`.
+# Implementation name -> (`train_step(fast_convolutions=...)`, the model's compute dtype).
 IMPLEMENTATIONS = {
-    "plain": False,    # flax's convolutions differentiated by autodiff on XLA.
-    "adcorda": "auto",  # The library's default: native CPU convolutions (fast_path).
+    "plain": (False, jnp.float32),    # flax's convolutions differentiated by autodiff on XLA.
+    "adcorda": ("auto", jnp.float32),  # The library's default: native CPU convolutions.
+    # train.compute_dtype=bfloat16: mixed precision (float32 parameters and optimizer state).
+    "bfloat16": ("auto", jnp.bfloat16),
 }
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
@@ -67,10 +69,13 @@ def step_flops(model: nn.Module, shape: tuple[int, ...], num_classes: int, batch
 def compile_train_step(model: nn.Module, shape: tuple[int, ...], num_classes: int, batch: int,
                        name: str, steps_per_run: int, seed: int) -> CompiledTrainStep:
   """Compiles `train_step` for implementation `name`; `run()` takes `steps_per_run` steps."""
+  fast, dtype = IMPLEMENTATIONS[name]
+  if dtype != jnp.float32:
+    model = model.clone(dtype=dtype)
   state = steps.create_train_state(jax.random.key(seed), model, shape, optimizer())
   data = random_batch(shape, num_classes, batch, seed)
   key = jax.random.key(seed)
-  lowered = jax.jit(_step_fn(num_classes, IMPLEMENTATIONS[name])).lower(state, data, key)
+  lowered = jax.jit(_step_fn(num_classes, fast)).lower(state, data, key)
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
