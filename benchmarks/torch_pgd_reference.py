@@ -357,6 +357,26 @@ def time_attack(attack, images, labels, device):
   return elapsed
 
 
+
+def parse_sizes(values, parser, label):
+  """'512,4096' -> [512, 4096] (distinct positive integers, in order); errors name `label`."""
+  sizes = []
+  for value in values.split(","):
+    value = value.strip()
+    if not value:
+      continue
+    try:
+      size = int(value)
+    except ValueError:
+      size = 0
+    if size < 1:
+      parser.error(f"{label}: {value!r} is not a positive integer")
+    if size not in sizes:
+      sizes.append(size)
+  if not sizes:
+    parser.error(f"{label}: no batch sizes")
+  return sizes
+
 def parse_batches(specs, models, parser):
   """--batches specs -> {model: [batch, ...]} for the selected models (defaults otherwise)."""
   batches = {m: [MODEL_SPECS[m][3]] for m in models}
@@ -372,21 +392,7 @@ def parse_batches(specs, models, parser):
         targets = [name] if name in batches else []  # A model not in --models: ignored.
       else:
         targets, values = list(models), part
-      sizes = []
-      for value in values.split(","):
-        value = value.strip()
-        if not value:
-          continue
-        try:
-          size = int(value)
-        except ValueError:
-          size = 0
-        if size < 1:
-          parser.error(f"--batches {part!r}: {value!r} is not a positive integer")
-        if size not in sizes:
-          sizes.append(size)
-      if not sizes:
-        parser.error(f"--batches {part!r}: no batch sizes")
+      sizes = parse_sizes(values, parser, f"--batches {part!r}")
       for target in targets:
         batches[target] = sizes
   return batches

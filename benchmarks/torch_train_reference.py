@@ -70,6 +70,7 @@ from torch_pgd_reference import (  # noqa: E402
   add_device_arguments,
   describe_device,
   device_info,
+  parse_sizes,
   release_memory,
   reset_compiled,
   setup_device,
@@ -156,22 +157,7 @@ def timed(step, steps, device):
 
 
 def parse_batches(text, parser):
-  sizes = []
-  for value in text.split(","):
-    value = value.strip()
-    if not value:
-      continue
-    try:
-      size = int(value)
-    except ValueError:
-      size = 0
-    if size < 1:
-      parser.error(f"--batch: {value!r} is not a positive integer")
-    if size not in sizes:
-      sizes.append(size)
-  if not sizes:
-    parser.error("--batch: no batch sizes")
-  return sizes
+  return parse_sizes(text, parser, "--batch")
 
 
 def run_case(name, batch, variants, args, device, info):
