@@ -1,4 +1,4 @@
-"""Training batches: device-resident and prefetched placements give exactly the host-sliced batches."""
+"""Training batches: device-resident and prefetched placements give the host-sliced batches."""
 from __future__ import annotations
 
 import os
