@@ -100,15 +100,16 @@ FASHION_DIR=""
 for dir in .data/fashion-mnist /usr/share/datasets/fashion-mnist; do
   [ -d "$dir" ] && FASHION_DIR=$(cd "$dir" && pwd) && break
 done
-part environment 60 "$PYTHON" - <<'EOF'
-import json, platform, jax
-print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}))
+ACCEL_ENV_JSON="$OUT_DIR/environment.json" part environment 60 "$PYTHON" - <<'EOF'
+import json, os, platform, jax
+record = {"python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "device": str(jax.devices()[0])}
+with open(os.environ["ACCEL_ENV_JSON"], "w") as f:
+  json.dump(record, f)
+print(json.dumps(record))
 import adcorda_jax, flax, optax, orbax.checkpoint, ml_collections  # noqa: E401
 print("adcorda_jax imports; flax", flax.__version__, "optax", optax.__version__)
 EOF
-"$PYTHON" -c "import json, jax; print(json.dumps({'jax': jax.__version__, 'backend': jax.default_backend(), 'device': str(jax.devices()[0])}))" \
-    > "$OUT_DIR/environment.json" 2>/dev/null || echo '{}' > "$OUT_DIR/environment.json"
 
 # -- 1. The test suite on the accelerator (a per-test limit where pytest-timeout is installed).
 PER_TEST_LIMIT=()

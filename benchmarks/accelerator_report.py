@@ -54,15 +54,21 @@ def _tests(path: Path) -> dict[str, Any] | None:
   return counts
 
 
+def _rows(jax_records, jax_rate, torch_records, torch_rate) -> dict[tuple, dict[str, Any]]:
+  """{(model, batch): row}: each JAX implementation's `jax_rate` under its name and each
+  PyTorch variant's `torch_rate` under `torch_<variant>`."""
+  rows: dict[tuple, dict[str, Any]] = {}
+  for records, rate, prefix, name_key in ((jax_records, jax_rate, "", "implementation"),
+                                          (torch_records, torch_rate, "torch_", "variant")):
+    for r in records:
+      row = rows.setdefault((r["model"], r["batch"]), {"model": r["model"], "batch": r["batch"]})
+      row[prefix + r[name_key]] = r.get(rate)
+  return rows
+
+
 def attack_rows(jax_records, torch_records) -> list[dict[str, Any]]:
   """One row per (model, batch): the library's PGD rate next to torchattacks' and compile's."""
-  rows = {}
-  for r in jax_records:
-    row = rows.setdefault((r["model"], r["batch"]), {"model": r["model"], "batch": r["batch"]})
-    row[r["implementation"]] = r.get("img_steps_per_second")
-  for r in torch_records:
-    row = rows.setdefault((r["model"], r["batch"]), {"model": r["model"], "batch": r["batch"]})
-    row[f"torch_{r['variant']}"] = r.get("img_steps_per_second_median")
+  rows = _rows(jax_records, "img_steps_per_second", torch_records, "img_steps_per_second_median")
   for row in rows.values():
     ours, reference = row.get("adcorda"), row.get("torch_torchattacks")
     row["vs_torchattacks"] = ours / reference if ours and reference else None
@@ -83,13 +89,7 @@ def best_batch_ratios(rows) -> dict[str, float | None]:
 
 
 def train_rows(jax_records, torch_records) -> list[dict[str, Any]]:
-  rows = {}
-  for r in jax_records:
-    row = rows.setdefault((r["model"], r["batch"]), {"model": r["model"], "batch": r["batch"]})
-    row[r["implementation"]] = r.get("img_per_second")
-  for r in torch_records:
-    row = rows.setdefault((r["model"], r["batch"]), {"model": r["model"], "batch": r["batch"]})
-    row[f"torch_{r['variant']}"] = r.get("img_per_second")
+  rows = _rows(jax_records, "img_per_second", torch_records, "img_per_second")
   for row in rows.values():
     amp = row.get("torch_amp_channels_last")
     best = max([v for v in (row.get("adcorda"), row.get("bfloat16")) if v] or [0]) or None

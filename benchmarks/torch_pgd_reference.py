@@ -63,16 +63,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-import traceback
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_bench_common import (  # noqa: E402
+    add_device_arguments, describe_device, device_info, failure, interleaved_seconds,
+    parse_sizes, release_memory, reset_compiled, setup_device, synchronize)
 
 EPS = 8 / 255
 ALPHA = 2 / 255
@@ -81,100 +86,6 @@ SEED = 0
 
 ALL_MODELS = ("small_cnn", "resnet20")
 ALL_VARIANTS = ("torchattacks", "channels_last", "compile")
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-
-
-# ------------------------------------------------------------------------------------ device
-# Shared with torch_train_reference.py.
-
-
-def add_device_arguments(parser):
-  """--device, --float32-matmul-precision and --keep-going."""
-  parser.add_argument("--device", default="cpu",
-                      help="cpu (default), cuda, cuda:N, or auto (cuda if available, else cpu)")
-  parser.add_argument("--float32-matmul-precision", choices=MATMUL_PRECISIONS, default=None,
-                      help="torch.set_float32_matmul_precision(...) (default: leave torch's "
-                           "default; 'high' allows TF32 matmuls on CUDA)")
-  parser.add_argument("--keep-going", action="store_true",
-                      help="record a variant that raises (e.g. CUDA OOM) as an error and go on")
-
-
-def setup_device(args, parser):
-  """Resolves and configures --device; returns the torch.device (parser.error if unusable)."""
-  name = args.device.strip().lower()
-  if name == "auto":
-    name = "cuda" if torch.cuda.is_available() else "cpu"
-  try:
-    device = torch.device(name)
-  except RuntimeError as error:
-    parser.error(f"--device: {error}")
-  if device.type == "cuda":
-    if not torch.cuda.is_available():
-      parser.error(f"--device {args.device}: CUDA is not available in this torch "
-                   f"({torch.__version__})")
-    if device.index is not None:
-      if device.index >= torch.cuda.device_count():
-        parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA devices")
-      torch.cuda.set_device(device)
-    torch.backends.cudnn.benchmark = True
-  elif device.type != "cpu":
-    parser.error(f"--device {args.device}: only cpu, cuda, cuda:N and auto are supported")
-  if args.float32_matmul_precision is not None:
-    torch.set_float32_matmul_precision(args.float32_matmul_precision)
-  return device
-
-
-def synchronize(device):
-  """Waits for all queued work on `device` (a no-op on the CPU)."""
-  if device.type == "cuda":
-    torch.cuda.synchronize(device)
-
-
-def _cpu_name():
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-      for line in handle:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def device_info(device):
-  """Device fields of every JSON record."""
-  cuda = device.type == "cuda"
-  return {
-      "device": str(device),
-      "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
-      "cuda_version": torch.version.cuda if cuda else None,
-      "cudnn_version": torch.backends.cudnn.version() if cuda else None,
-      "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-      "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-      "float32_matmul_precision": torch.get_float32_matmul_precision(),
-  }
-
-
-def describe_device(info):
-  """One header line for `device_info(...)`."""
-  text = f"device {info['device']} ({info['device_name']})"
-  if info["cuda_version"] is not None:
-    text += (f", CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}, "
-             f"cudnn.benchmark {info['cudnn_benchmark']}, cudnn TF32 {info['cudnn_allow_tf32']}")
-  return text + f", float32 matmul precision {info['float32_matmul_precision']}"
-
-
-def release_memory(device):
-  """Frees cached CUDA blocks between cases (a no-op on the CPU)."""
-  if device.type == "cuda":
-    torch.cuda.empty_cache()
-
-
-def reset_compiled():
-  """Drops torch.compile caches, so nothing compiled (or guessed dynamic) leaks between cases."""
-  dynamo = getattr(torch, "_dynamo", None)
-  if dynamo is not None and hasattr(dynamo, "reset"):
-    dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------- models
@@ -358,25 +269,6 @@ def time_attack(attack, images, labels, device):
 
 
 
-def parse_sizes(values, parser, label):
-  """'512,4096' -> [512, 4096] (distinct positive integers, in order); errors name `label`."""
-  sizes = []
-  for value in values.split(","):
-    value = value.strip()
-    if not value:
-      continue
-    try:
-      size = int(value)
-    except ValueError:
-      size = 0
-    if size < 1:
-      parser.error(f"{label}: {value!r} is not a positive integer")
-    if size not in sizes:
-      sizes.append(size)
-  if not sizes:
-    parser.error(f"{label}: no batch sizes")
-  return sizes
-
 def parse_batches(specs, models, parser):
   """--batches specs -> {model: [batch, ...]} for the selected models (defaults otherwise)."""
   batches = {m: [MODEL_SPECS[m][3]] for m in models}
@@ -432,12 +324,6 @@ def run_case(model_name, batch, variants, factory, impl_desc, args, device, info
       rec["error"] = error
     return rec
 
-  def failed(variant, stage):
-    """Called in an `except` block under --keep-going: prints the traceback, returns a summary."""
-    error = traceback.format_exc()
-    print(f"{tag} {variant}: FAILED in {stage}:\n{error}", flush=True)
-    return f"{stage}: {error.strip().splitlines()[-1]}"
-
   setups, errors = {}, {}
   for variant in variants:
     torch.manual_seed(SEED)
@@ -448,37 +334,28 @@ def run_case(model_name, batch, variants, factory, impl_desc, args, device, info
     except Exception:  # Swallowed only under --keep-going.
       if not args.keep_going:
         raise
-      errors[variant] = failed(variant, "warm-up")
+      errors[variant] = failure(tag, variant, "warm-up")
     if variant in errors:
       release_memory(device)  # Outside the except block: the traceback no longer pins memory.
       continue
     print(f"{tag} {variant}: warm-up attack {warmup:.2f}s", flush=True)
     setups[variant] = (attack, var_images, warmup)
 
-  times = {v: [] for v in variants}
-  for rep in range(args.repeats):
-    for variant in variants:  # interleaved: A1 B1 C1 A2 B2 C2 ...
-      if variant not in setups:
-        continue
-      attack, var_images, _ = setups[variant]
-      try:
-        elapsed = time_attack(attack, var_images, labels, device)
-      except Exception:  # Swallowed only under --keep-going.
-        if not args.keep_going:
-          raise
-        errors[variant] = failed(variant, f"repeat {rep + 1}")
-      if variant in errors:
-        del setups[variant]
-        release_memory(device)
-        continue
-      times[variant].append(elapsed)
-      print(f"{tag} rep {rep + 1}/{args.repeats} {variant}: {elapsed:.3f}s "
-            f"({batch * STEPS / elapsed:.1f} img*step/s)", flush=True)
+  def report(variant, rep, elapsed):
+    print(f"{tag} rep {rep + 1}/{args.repeats} {variant}: {elapsed:.3f}s "
+          f"({batch * STEPS / elapsed:.1f} img*step/s)", flush=True)
+
+  runs = {variant: (lambda setup=setups[variant], labels=labels:
+                    time_attack(setup[0], setup[1], labels, device))
+          for variant in variants if variant in setups}
+  times = interleaved_seconds(runs, args.repeats, device, args.keep_going, tag, errors, report)
+  for variant in errors:
+    setups.pop(variant, None)
 
   records = []
   for variant in variants:
     warmup = setups[variant][2] if variant in setups else None
-    records.append(record(variant, times[variant] if variant in setups else [], warmup,
+    records.append(record(variant, times.get(variant, []) if variant in setups else [], warmup,
                           errors.get(variant)))
   del setups, base_model, images, labels
   release_memory(device)

@@ -57,25 +57,16 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_pgd_reference import (  # noqa: E402
-  ResNetCifar,
-  SmallCNN,
-  add_device_arguments,
-  describe_device,
-  device_info,
-  parse_sizes,
-  release_memory,
-  reset_compiled,
-  setup_device,
-  synchronize,
-)
+from torch_bench_common import (  # noqa: E402
+    add_device_arguments, describe_device, device_info, failure, interleaved_seconds,
+    parse_sizes, release_memory, reset_compiled, setup_device, synchronize)
+from torch_pgd_reference import ResNetCifar, SmallCNN  # noqa: E402
 
 LEARNING_RATE = 0.05
 MOMENTUM = 0.9
@@ -171,12 +162,6 @@ def run_case(name, batch, variants, args, device, info):
   labels = torch.from_numpy(rng.integers(0, args.classes, batch).astype(np.int64)).to(device)
   step_fns, warmup, errors = {}, {}, {}
 
-  def failed(variant, stage):
-    """Called in an `except` block under --keep-going: prints the traceback, returns a summary."""
-    error = traceback.format_exc()
-    print(f"{name} b{batch} {variant}: FAILED in {stage}:\n{error}", flush=True)
-    return f"{stage}: {error.strip().splitlines()[-1]}"
-
   for variant in variants:
     try:
       step_fns[variant] = make_step(variant, base, images, labels)
@@ -184,29 +169,19 @@ def run_case(name, batch, variants, args, device, info):
     except Exception:  # Swallowed only under --keep-going.
       if not args.keep_going:
         raise
-      errors[variant] = failed(variant, "warm-up")
+      errors[variant] = failure(f"{name} b{batch}", variant, "warm-up")
     if variant in errors:
       step_fns.pop(variant, None)
       release_memory(device)
-  seconds = {variant: [] for variant in variants}
-  for rep in range(args.repeats):
-    for variant in variants:
-      if variant not in step_fns:
-        continue
-      try:
-        seconds[variant].append(timed(step_fns[variant], args.steps, device))
-      except Exception:  # Swallowed only under --keep-going.
-        if not args.keep_going:
-          raise
-        errors[variant] = failed(variant, f"repeat {rep + 1}")
-      if variant in errors:
-        del step_fns[variant]
-        release_memory(device)
+  runs = {variant: (lambda step=step: timed(step, args.steps, device))
+          for variant, step in step_fns.items()}
+  seconds = interleaved_seconds(runs, args.repeats, device, args.keep_going,
+                                f"{name} b{batch}", errors)
   records = []
   for variant in variants:
     channels_last, amp_dtype, grad_scaler, compiled = VARIANT_SPECS[variant]
     ok = variant not in errors
-    rates = [batch * args.steps / s for s in seconds[variant]] if ok else []
+    rates = [batch * args.steps / s for s in seconds.get(variant, [])] if ok else []
     record = {"framework": "torch", "variant": variant, "model": name, "batch": batch,
               "num_classes": args.classes,
               "img_per_second": statistics.median(rates) if rates else None,
