@@ -62,6 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
   adapt.step_decay = 0.1
   adapt.alignment = "coral"          # coral (Deep CORAL), mmd, or none (adcorda = corrected_ce).
   adapt.lambda_ = 1.0                # Weight of the alignment loss on the penultimate features.
+  # Readings of the method (the `adcorda` variant only; the first value is the paper's):
+  adapt.direction = "forward"        # forward: corrected set source, original set target;
+  #                                    reverse: original set source, corrected set target.
+  adapt.source = "corrected_set"     # corrected_set, or corrected_subset (the corrected images).
+  adapt.start = "baseline"           # baseline, or corrected_ce (adapt the model fine-tuned on
+  #                                    the corrected set; same_budget_finetune then trains 2x).
   adapt.trainable = ""               # Regex over parameter paths; "" trains everything.
   adapt.batch_norm = "train"         # train: batch statistics, running stats from source batches;
   #                                    frozen: eval-mode BatchNorm (and no dropout). Measured:

@@ -262,3 +262,130 @@ def test_nothing_misclassified_gives_the_original_set(finished, tmp_path):
   assert corrected.stats["misclassified"] == 0 and corrected.stats["success_rate"] == 1.0
   assert correction_set.load_corrected_set(tmp_path, {"test": 1}).stats == json.loads(
       json.dumps(corrected.stats))
+
+
+# Readings of the method (adapt.direction / source / start): config values of the adcorda variant.
+
+def _corrected(changed=(1, 3)):
+  images = np.arange(5 * 4, dtype=np.float32).reshape(5, 2, 2, 1) / 20
+  labels = np.arange(5, dtype=np.int32)
+  fixed = images.copy()
+  fixed[list(changed)] += 0.01
+  return correction_set.CorrectedSet(images=fixed, labels=labels,
+                                     changed=np.asarray(changed, np.int64),
+                                     source_index=np.arange(5), stats={})
+
+
+@pytest.mark.parametrize("direction, source", [("forward", "corrected_set"),
+                                               ("reverse", "corrected_set"),
+                                               ("forward", "corrected_subset"),
+                                               ("reverse", "corrected_subset")])
+def test_adaptation_sets_follow_direction_and_source(direction, source):
+  corrected = _corrected()
+  original = (corrected.images - 0.01 * np.isin(np.arange(5), corrected.changed)[:, None, None,
+                                                                                   None],
+              corrected.labels)
+  settings = adcorda_settings.read_settings(tiny_config(**{"adapt.direction": direction,
+                                                           "adapt.source": source}))
+  labelled, aligned = adcorda.adaptation_sets(settings, original, corrected)
+  rows = [1, 3] if source == "corrected_subset" else list(range(5))
+  fixed = (corrected.images[rows], corrected.labels[rows])
+  expected = (fixed, original) if direction == "forward" else (original, fixed)
+  for got, want in zip((labelled, aligned), expected, strict=True):
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_corrected_subset_without_corrections_is_a_config_error():
+  settings = adcorda_settings.read_settings(tiny_config(**{"adapt.source": "corrected_subset"}))
+  corrected = _corrected(changed=())
+  with pytest.raises(ConfigError) as error:
+    adcorda.adaptation_sets(settings, (corrected.images, corrected.labels), corrected)
+  assert "adapt.source='corrected_subset'" in one_line(error)
+
+
+@pytest.mark.parametrize("key, value", [("adapt.direction", "backward"),
+                                        ("adapt.source", "subset"), ("adapt.start", "ce")])
+def test_bad_method_values_name_their_key(tmp_path, key, value):
+  with pytest.raises(ConfigError) as error:
+    tasks.run_task(tiny_config(**{key: value}), tmp_path)
+  assert f"{key}={value!r} is not valid" in one_line(error)
+  assert not (tmp_path / "baseline").exists()
+
+
+def _strip_method_keys(workdir):
+  """Rewrites every record in `workdir` as a release without the method keys wrote it."""
+  for path in workdir.rglob("*.json"):
+    record = json.loads(path.read_text())
+    if isinstance(record, dict):
+      for key in ("adapt.direction", "adapt.source", "adapt.start"):
+        record.pop(key, None)
+      for section in (record.get("config", {}).get("adapt"),
+                      record.get("adapt") if path.name == "config.json" else None):
+        for key in ("direction", "source", "start"):
+          if isinstance(section, dict):
+            section.pop(key, None)
+      path.write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_runs_saved_before_the_method_keys_still_resume(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished[0], workdir)
+  _strip_method_keys(workdir)
+  (workdir / "results.json").unlink()  # Re-evaluate through every stage's fingerprint check.
+  steps = []
+  again = adcorda.run_adcorda(tiny_config(), workdir, adapt_step_callback=lambda *a:
+                              steps.append(a))
+  assert steps == []
+  for name, variant in finished[1]["variants"].items():
+    assert again["variants"][name]["per_seed"] == variant["per_seed"], name
+
+
+@pytest.mark.slow
+def test_reverse_direction_redoes_only_the_aligned_runs(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished[0], workdir)
+  with pytest.raises(CheckpointError) as error:
+    adcorda.run_adcorda(tiny_config(**{"adapt.direction": "reverse"}), workdir)
+  assert "differs at: adapt.direction" in one_line(error)
+  for stage in ("adapt", "evaluate"):
+    shutil.rmtree(workdir / stage / "adcorda")
+  steps = []
+  results = adcorda.run_adcorda(tiny_config(**{"adapt.direction": "reverse"}), workdir,
+                                adapt_step_callback=lambda *a: steps.append(a))
+  assert steps and {variant for variant, _, _ in steps} == {"adcorda"}
+  assert results["adapt"]["direction"] == "reverse"
+  assert results["variants"]["adcorda"] != finished[1]["variants"]["adcorda"]
+  assert "labelled source = original set" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_start_from_corrected_ce_chains_and_doubles_the_control(finished, tmp_path, monkeypatch):
+  """adcorda starts from that seed's corrected_ce model; same_budget_finetune trains 2x."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished[0], workdir)
+  for stage in ("adapt", "evaluate"):
+    for variant in ("adcorda", "same_budget_finetune"):
+      shutil.rmtree(workdir / stage / variant)
+  calls = []
+  real_run = finetune.Finetuner.run
+
+  def recording_run(self, variables, *args, description, **kwargs):
+    result = real_run(self, variables, *args, description=description, **kwargs)
+    calls.append((description, self.total_steps, variables, result.variables))
+    return result
+
+  monkeypatch.setattr(finetune.Finetuner, "run", recording_run)
+  results = adcorda.run_adcorda(tiny_config(**{"adapt.start": "corrected_ce"}), workdir)
+  by_name = {description: rest for description, *rest in calls}
+  for seed in SEEDS:
+    ce_steps, _, ce_final = by_name[f"corrected_ce seed {seed}"]
+    steps, start, _ = by_name[f"adcorda seed {seed}"]
+    assert steps == ce_steps == 21
+    chex_equal = jax.tree.map(np.array_equal, start, ce_final)
+    assert all(jax.tree.leaves(chex_equal)), seed
+    assert by_name[f"same_budget_finetune seed {seed}"][0] == 42
+  assert results["adapt"]["steps_by_variant"] == {
+      "baseline": 0, "corrected_ce": 21, "same_budget_finetune": 42, "adcorda": 42}
+  assert results["variants"]["corrected_ce"] == finished[1]["variants"]["corrected_ce"]

@@ -26,7 +26,7 @@ from adcorda_jax.training import sharding
 from adcorda_jax.training.finetune import (ALIGNMENT_KEYS, FinetuneSettings,
                                           read_finetune_settings, without_alignment)
 
-__all__ = ["ALIGNMENT_KEYS", "AdaptationSettings", "CorrectionSettings", "Settings",
+__all__ = ["ADCORDA_ONLY_KEYS", "ALIGNMENT_KEYS", "AdaptationSettings", "CorrectionSettings", "Settings",
            "read_adaptation", "read_correction", "read_settings", "without_alignment"]
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,30 @@ class CorrectionSettings:
   batch_size: int
 
 
+# The readings of the method a reader could take from the paper's abstract (`adapt.<key>`;
+# the first value of each is the paper's method as this project runs it):
+DIRECTIONS = ("forward", "reverse")          # forward: corrected set labelled source, original
+#                                              set target; reverse: original source, corrected
+#                                              target (aligned the other way).
+SOURCES = ("corrected_set", "corrected_subset")  # The whole corrected training set, or only the
+#                                              corrected (formerly misclassified) images.
+STARTS = ("baseline", "corrected_ce")        # Adapt from the baseline, or from the model first
+#                                              fine-tuned on the corrected set (corrected_ce).
+# Keys only the aligned `adcorda` variant reads; `adapt.start` is read by it and by the
+# same-budget control too (whose budget doubles with start=corrected_ce).
+METHOD_KEYS = frozenset({"adapt.direction", "adapt.source"})
+ADCORDA_ONLY_KEYS = ALIGNMENT_KEYS | METHOD_KEYS
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptationSettings:
   """Stage 2, domain adaptation: the `adapt` section with AdCorDA's alignment loss."""
   finetune: FinetuneSettings
   alignment: str
   lambda_: float
+  direction: str = "forward"
+  source: str = "corrected_set"
+  start: str = "baseline"
 
   @property
   def alignment_loss(self) -> AlignmentLoss:
@@ -100,7 +118,12 @@ def read_adaptation(config: ml_collections.ConfigDict) -> AdaptationSettings:
   lambda_ = config_checks.positive_float(section, "lambda_", "adapt", allow_zero=True)
   name = section.get("alignment", "coral")
   alignment_loss(name)  # Raises a ConfigError naming adapt.alignment.
-  return AdaptationSettings(finetune=finetune, alignment=name, lambda_=lambda_)
+  return AdaptationSettings(
+      finetune=finetune, alignment=name, lambda_=lambda_,
+      direction=config_checks.one_of(section, "direction", "adapt", DIRECTIONS,
+                                     default=DIRECTIONS[0]),
+      source=config_checks.one_of(section, "source", "adapt", SOURCES, default=SOURCES[0]),
+      start=config_checks.one_of(section, "start", "adapt", STARTS, default=STARTS[0]))
 
 
 def read_settings(config: ml_collections.ConfigDict,

@@ -28,7 +28,8 @@ RESUMABLE_KEYS = frozenset({
     "data.placement", "data.device_memory_fraction"})
 # Config keys added after runs were first saved, with the default that reproduces those runs: a
 # record without the key equals a config holding that default, so saved runs still resume.
-ADDED_AT_DEFAULT = {"train.compute_dtype": "float32"}
+ADDED_AT_DEFAULT = {"train.compute_dtype": "float32", "adapt.direction": "forward",
+                    "adapt.source": "corrected_set", "adapt.start": "baseline"}
 
 
 def normalized(tree: Any) -> Any:

@@ -109,6 +109,7 @@ def adcorda_markdown(results: dict[str, Any]) -> str:
       f"/epoch of the corrected set), alignment `{results['adapt']['alignment']}` with lambda "
       f"{results['adapt']['lambda_']:g}, BatchNorm `{results['adapt']['batch_norm']}`, "
       f"trainable `{results['adapt']['trainable'] or '(all)'}`",
+      _method_line(results["adapt"]),
       "- Attacks: " + "; ".join(f"`{k}`: {d}" for k, d in
                                 results["evaluate"]["attack_descriptions"].items()),
       f"- Baseline: `{results['baseline_checkpoint']}`; data: {results['data_source']}",
@@ -117,6 +118,21 @@ def adcorda_markdown(results: dict[str, Any]) -> str:
       "",
   ]
   return "\n".join(lines)
+
+
+def _method_line(adapt: dict[str, Any]) -> str:
+  """The reading of the method the `adcorda` variant ran (older results: the paper's)."""
+  direction, source = adapt.get("direction", "forward"), adapt.get("source", "corrected_set")
+  start = adapt.get("start", "baseline")
+  sets = ("corrected images only" if source == "corrected_subset" else "corrected set",
+          "original set")
+  labelled, aligned = sets if direction == "forward" else sets[::-1]
+  steps = adapt.get("steps_by_variant", {})
+  budget = (f"; starts from corrected_ce, so it and same_budget_finetune train "
+            f"{steps.get('adcorda', 2 * adapt['steps'])} steps" if start == "corrected_ce" else "")
+  return (f"- AdCorDA variant: labelled source = {labelled}, aligned target = {aligned} "
+          f"(`adapt.direction={direction}`, `adapt.source={source}`, `adapt.start={start}`)"
+          f"{budget}")
 
 
 def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:

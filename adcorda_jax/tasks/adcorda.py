@@ -14,6 +14,10 @@ of the workdir with a fingerprint (`pipeline.Stage`):
   seed in `adcorda.seeds`: `corrected_ce` (corrected set, cross-entropy), `same_budget_finetune`
   (original set, same optimizer, schedule and steps), `adcorda` (corrected set as labelled source,
   original set as target, cross-entropy + `adapt.lambda_` * alignment of penultimate features).
+  Readings of the method besides the paper's are config values of the `adcorda` variant:
+  `adapt.direction='reverse'` (original set labelled source, corrected set target),
+  `adapt.source='corrected_subset'` (only the corrected images), `adapt.start='corrected_ce'`
+  (adapt the corrected_ce model; the same-budget control then trains twice as long too).
 * `evaluate/<variant>/seed<k>/`: clean train/val/test accuracy and robust test accuracy under
   `evaluate.attacks` at `evaluate.eps`.
 
@@ -39,10 +43,12 @@ from absl import logging
 
 from adcorda_jax import pipeline
 from adcorda_jax.adcorda import correction_set
-from adcorda_jax.adcorda.settings import ALIGNMENT_KEYS, Settings, read_settings, without_alignment
+from adcorda_jax.adcorda.settings import (ADCORDA_ONLY_KEYS, ALIGNMENT_KEYS, Settings,
+                                          read_settings)
 from adcorda_jax.attacks.driver import BatchCallback, SplitAttackResult, attack_split
 from adcorda_jax.attacks.model_fn import attack_model
 from adcorda_jax.attacks.specs import AttackSpec
+from adcorda_jax.errors import ConfigError
 from adcorda_jax.evaluate import Evaluator, aggregate, make_predictor
 from adcorda_jax.evaluate.evaluator import Predictor
 from adcorda_jax.pipeline.fingerprint import config_keys, tree_digest
@@ -212,47 +218,81 @@ def _build_corrected_set(directory: Path, settings: Settings, base: DeployedBase
 
 
 def _read_by(variant: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
-  """`fingerprint` as `variant` reads it: only the aligned variant reads the alignment keys."""
-  return fingerprint if variant == "adcorda" else without_alignment(fingerprint)
+  """`fingerprint` as `variant` reads it: only the aligned variant reads the alignment and
+  method keys, and `corrected_ce` does not read `adapt.start` either (it never changes it)."""
+  if variant == "adcorda":
+    return fingerprint
+  dropped = ADCORDA_ONLY_KEYS | ({"adapt.start"} if variant == "corrected_ce" else set())
+  return {k: v for k, v in fingerprint.items() if k not in dropped}
+
+
+def adaptation_sets(settings: Settings, original: finetune.Arrays,
+                    corrected: correction_set.CorrectedSet
+                    ) -> tuple[finetune.Arrays, finetune.Arrays]:
+  """(labelled source, unlabelled target) of the aligned `adcorda` variant (`adapt.direction`,
+  `adapt.source`): the paper's reading is (corrected set, original set)."""
+  method = settings.adapt
+  fixed = (corrected.images, corrected.labels)
+  if method.source == "corrected_subset":
+    if not len(corrected.changed):
+      raise ConfigError("adapt.source='corrected_subset' needs corrected images, but stage 1 "
+                        "changed none (nothing was misclassified or every correction failed); "
+                        "use adapt.source='corrected_set'")
+    rows = np.searchsorted(corrected.source_index, corrected.changed)
+    fixed = (corrected.images[rows], corrected.labels[rows])
+  return (fixed, original) if method.direction == "forward" else (original, fixed)
 
 
 def adapt(run: pipeline.Run, config: ml_collections.ConfigDict, settings: Settings,
           base: DeployedBaseline, correction: Correction,
           step_callback: AdaptCallback | None) -> Adaptation:
-  """Stage 2: fine-tunes each variant once per seed in `adapt/<variant>/seed<k>/`."""
+  """Stage 2: fine-tunes each variant once per seed in `adapt/<variant>/seed<k>/`.
+
+  With `adapt.start='corrected_ce'` the aligned run starts from that seed's `corrected_ce`
+  model, so it has trained twice the steps; `same_budget_finetune` then runs twice the steps
+  too, in one schedule, so the control keeps AdCorDA's budget.
+  """
   baseline, corrected, deployment = base.baseline, correction.corrected, settings.deployment
   model, variables, dataset = baseline.model, baseline.variables, baseline.dataset
   options = settings.adapt.finetune
   steps_per_epoch = batches.steps_per_epoch(len(corrected.labels), options.batch_size)
   total_steps = options.epochs * steps_per_epoch
+  chained = settings.adapt.start == "corrected_ce"
   fingerprint = {**correction.fingerprint,
                  "correct.arrays_sha1": tree_digest({"images": corrected.images,
                                                      "labels": corrected.labels}),
                  **config_keys(config, ("adapt",))}
-  shared = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                num_classes=dataset.num_classes, apply_fn=deployment.train_apply_fn(model),
+  shared = dict(steps_per_epoch=steps_per_epoch, num_classes=dataset.num_classes,
+                apply_fn=deployment.train_apply_fn(model),
                 input_settings=input_pipeline.settings_from_config(config))
-  ce_only = finetune.Finetuner(model, variables["params"], options, **shared)
-  aligned = finetune.Finetuner(model, variables["params"], options,
+  ce_only = finetune.Finetuner(model, variables["params"], options, total_steps=total_steps,
+                               **shared)
+  control = (finetune.Finetuner(model, variables["params"], options,
+                                total_steps=2 * total_steps, **shared) if chained else ce_only)
+  aligned = finetune.Finetuner(model, variables["params"], options, total_steps=total_steps,
                                alignment=settings.adapt.alignment_loss,
                                lambda_=settings.adapt.lambda_, **shared)
   train = dataset.train
-  original, fixed = (train.images, train.labels), (corrected.images, corrected.labels)
-  sources = {"corrected_ce": (fixed, None, ce_only),
-             "same_budget_finetune": (original, None, ce_only),
-             "adcorda": (fixed, original, aligned)}
+  original = (train.images, train.labels)
+  source, target = adaptation_sets(settings, original, corrected)
+  runs = {"corrected_ce": ((corrected.images, corrected.labels), None, ce_only),
+          "same_budget_finetune": (original, None, control),
+          "adcorda": (source, target, aligned)}
   refined: dict[tuple[str, int], dict[str, Any]] = {}
-  for variant in FINETUNED:
-    source, target, runner = sources[variant]
+  trained: dict[tuple[str, int], dict[str, Any]] = {}  # Float variables, before deployment.
+  for variant in FINETUNED:  # corrected_ce first: a chained adcorda run starts from it.
+    source, target, runner = runs[variant]
     for seed in settings.seeds:
       stage = run.stage(Path("adapt") / variant / f"seed{seed}", "adapt", _read_by(
           variant, {**fingerprint, "variant": variant, "adapt.seed": seed}), ALIGNMENT_KEYS)
       callback = None
       if step_callback is not None:
         callback = (lambda step, _, v=variant, s=seed: step_callback(v, s, step))
-      result = runner.run(variables, source, target, seed=seed, directory=stage.directory,
+      start = trained[("corrected_ce", seed)] if chained and variant == "adcorda" else variables
+      result = runner.run(start, source, target, seed=seed, directory=stage.directory,
                           meta={**baseline.meta, "variant": variant, "seed": seed},
                           description=f"{variant} seed {seed}", step_callback=callback)
+      trained[(variant, seed)] = result.variables
       refined[(variant, seed)] = deployment.trained(result.variables)
   return Adaptation(refined=refined, fingerprint=fingerprint, total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch)
@@ -293,6 +333,9 @@ def evaluate_and_report(run: pipeline.Run, config: ml_collections.ConfigDict,
       "seeds": list(settings.seeds), "variant_order": list(VARIANTS), "variants": summaries,
       "correction": {**corrected.stats, "attack": settings.correct.spec.describe()},
       "adapt": {"steps": adaptation.total_steps, "steps_per_epoch": adaptation.steps_per_epoch,
+                "steps_by_variant": _steps_by_variant(adapt_settings, adaptation.total_steps),
+                "direction": adapt_settings.direction, "source": adapt_settings.source,
+                "start": adapt_settings.start,
                 "alignment": adapt_settings.alignment, "lambda_": adapt_settings.lambda_,
                 "batch_norm": adapt_settings.finetune.batch_norm,
                 "trainable": adapt_settings.finetune.trainable},
@@ -308,6 +351,13 @@ def evaluate_and_report(run: pipeline.Run, config: ml_collections.ConfigDict,
         base.prediction[changed], settings.correct.eps, run.path / "corrections.png"))
   return run.finish(results, report=adcorda_report.adcorda_markdown(results),
                     summary=adcorda_report.summary_line(results), plots=plots)
+
+
+def _steps_by_variant(adapt_settings: Any, steps: int) -> dict[str, int]:
+  """Fine-tuning steps behind each variant, counted from the baseline."""
+  chained = 2 * steps if adapt_settings.start == "corrected_ce" else steps
+  return {"baseline": 0, "corrected_ce": steps, "same_budget_finetune": chained,
+          "adcorda": chained}
 
 
 def _quantization_summary(settings: Settings, params: Any,
