@@ -13,6 +13,7 @@ from adcorda_jax.tasks.benchmark_train import run_benchmark_train
 from adcorda_jax.tasks.compression_study import run_compression_study
 from adcorda_jax.tasks.quantize import run_quantize
 from adcorda_jax.tasks.robustness import run_robustness
+from adcorda_jax.tasks.sweep import run_sweep
 from adcorda_jax.training.trainer import train_and_evaluate
 
 Task = Callable[[ml_collections.ConfigDict, "str | Path"], dict[str, Any]]
@@ -24,6 +25,7 @@ TASKS.register("benchmark_train")(run_benchmark_train)
 TASKS.register("adcorda")(run_adcorda)
 TASKS.register("quantize")(run_quantize)
 TASKS.register("compression_study")(run_compression_study)
+TASKS.register("sweep")(run_sweep)
 
 
 def run_task(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""task=sweep's report.md and map plots: per metric, a table of cells and a plot per axis."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from adcorda_jax.reporting.plots import plt, save_figure_atomic
+from adcorda_jax.sweep.axes import value_text
+
+VERDICT_MARK = {"higher": "**higher**", "lower": "**lower**", "within noise": "within noise",
+                "one seed": "one seed"}
+
+
+def _percent(metric: str) -> bool:
+  return "accuracy" in metric or metric.startswith("robust.")
+
+
+def _scale(metric: str) -> float:
+  return 100.0 if _percent(metric) else 1.0
+
+
+def plot_file(metric: str) -> str:
+  return "map_" + re.sub(r"[^A-Za-z0-9.+-]", "_", metric) + ".png"
+
+
+def _mean_std(entry: dict[str, Any] | None, scale: float) -> str:
+  if not entry:
+    return "-"
+  if entry["n"] < 2:
+    return f"{scale * entry['mean']:.2f}"
+  return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
+
+
+def _difference(entry: dict[str, Any] | None, scale: float) -> str:
+  if not entry:
+    return "-"
+  text = f"{scale * entry['mean']:+.2f}"
+  if entry["low"] is not None:
+    text += f" [{scale * entry['low']:+.2f}, {scale * entry['high']:+.2f}]"
+  return f"{text} {VERDICT_MARK[entry['verdict']]}"
+
+
+def metric_table(results: dict[str, Any], metric: str) -> list[str]:
+  """Markdown rows: cell, units, each variant's mean ± std, each paired difference [95% CI]."""
+  scale = _scale(metric)
+  variants, comparisons = results["variants"], results["comparisons"]
+  header = ["cell", "seeds"] + variants + comparisons
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+  for group in results["groups"]:
+    cells = [f"`{group['name']}`", str(group["units"])]
+    cells += [_mean_std(group["variants"].get(v, {}).get(metric), scale) for v in variants]
+    cells += [_difference(group["comparisons"].get(c, {}).get(metric), scale)
+              for c in comparisons]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def sweep_markdown(results: dict[str, Any]) -> str:
+  """The report: how to read it, one section per metric, then the cells and their status."""
+  wall = results["runs_wall_seconds"]
+  lines = [
+      f"# Sweep of task={results['base_task']}: {results['cells_complete']}/"
+      f"{results['cells_total']} cells", "",
+      f"Axes: {', '.join(f'`{a}`' for a in results['axes']) or '(none)'}; seed key "
+      f"`{results['seed_key']}`. A row is one cell over its seeds; accuracies in %.",
+      "Variants: mean ± sample std over the seeds (units: cell seed x run seed). Differences "
+      "are paired by seed, with 95% Student-t intervals; **higher**/**lower** when the interval "
+      "excludes 0.", "",
+      f"Runs' recorded wall time: {wall / 60:.1f} min (sum over baselines and cells, last call "
+      "of each); this sweep call "
+      f"{results['wall_seconds']:.1f} s.", ""]
+  for metric in results["metrics"]:
+    lines += [f"## {metric}", "", f"![{metric}]({plot_file(metric)})", ""]
+    lines += metric_table(results, metric) + [""]
+  lines += ["## Runs", "", "| run | kind | status | wall (s) |", "|---|---|---|---:|"]
+  for cell in results["cells"]:
+    seconds = f"{cell['wall_seconds']:.0f}" if cell["wall_seconds"] is not None else "-"
+    lines.append(f"| `{cell['name']}` | {cell['kind']} | {cell['status']} | {seconds} |")
+  return "\n".join(lines + [""])
+
+
+def _sort_values(values: list[Any]) -> list[Any]:
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  return sorted(values) if numeric else values
+
+
+def axis_series(groups: list[dict[str, Any]], axis: str, axes: list[str]
+                ) -> list[tuple[str, list[dict[str, Any]]]]:
+  """Groups that differ only in `axis`, as (label of the other axes' values, groups) with at
+  least two values of `axis`: a one-at-a-time map gives one series per axis."""
+  series: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+  for group in groups:
+    others = tuple((k, value_text(group["axis_values"].get(k))) for k in axes if k != axis)
+    series.setdefault(others, []).append(group)
+  out = []
+  for others, members in series.items():
+    if len({value_text(g["axis_values"].get(axis)) for g in members}) >= 2:
+      out.append((", ".join(f"{k}={v}" for k, v in others), members))
+  return out
+
+
+def _series_points(members: list[dict[str, Any]], axis: str
+                   ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+  """The x labels of a series in axis order, and its group per label."""
+  if axis == "cell":
+    return [g["name"] for g in members], {g["name"]: g for g in members}
+  by_value = {value_text(g["axis_values"].get(axis)): g for g in members}
+  raw = {value_text(g["axis_values"].get(axis)): g["axis_values"].get(axis) for g in members}
+  return [value_text(v) for v in _sort_values(list(raw.values()))], by_value
+
+
+def plot_metric_map(results: dict[str, Any], metric: str, path: Path) -> None:
+  """A row per comparison, a panel per axis: the paired difference (95% CI) against the axis
+  value, one line per set of the other axes' values (one line in a one-at-a-time map)."""
+  axes, groups, scale = results["axes"], results["groups"], _scale(metric)
+  panels = [(axis, axis_series(groups, axis, axes)) for axis in axes]
+  panels = [(axis, series) for axis, series in panels if series]
+  if not panels:  # No axis with two values among otherwise equal cells: one panel of all cells.
+    panels = [("cell", [("", groups)])]
+  comparisons = results["comparisons"]
+  figure, grid = plt.subplots(len(comparisons), len(panels), squeeze=False, sharey="row",
+                              figsize=(2.8 * len(panels) + 0.6, 2.6 * len(comparisons)))
+  for row, comparison in enumerate(comparisons):
+    for column, (axis, series) in enumerate(panels):
+      panel = grid[row][column]
+      for series_index, (label, members) in enumerate(series[:4]):
+        values, by_value = _series_points(members, axis)
+        xs, ys, low, high = [], [], [], []
+        for position, value in enumerate(values):
+          entry = by_value[value]["comparisons"].get(comparison, {}).get(metric)
+          if entry is None:
+            continue
+          xs.append(position + 0.06 * series_index)
+          ys.append(scale * entry["mean"])
+          low.append(scale * (entry["mean"] - entry["low"]) if entry["low"] is not None else 0)
+          high.append(scale * (entry["high"] - entry["mean"]) if entry["high"] is not None else 0)
+        panel.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, color=f"C{series_index}",
+                       label=label or None)
+        panel.set_xticks(range(len(values)), values, fontsize=7,
+                         rotation=30 if axis == "cell" else 0)
+      panel.axhline(0.0, color="black", linewidth=0.8)
+      panel.grid(alpha=0.3)
+      if row == len(comparisons) - 1:
+        panel.set_xlabel(axis, fontsize=8)
+      if column == 0:
+        panel.set_ylabel(f"{comparison}\n{'(points)' if _percent(metric) else ''}", fontsize=8)
+      if len(series) > 1 and row == 0:
+        panel.legend(fontsize=6)
+  figure.suptitle(f"{metric}: paired differences by seed, 95% intervals")
+  figure.tight_layout()
+  save_figure_atomic(figure, path)
+
+
+def map_plots(results: dict[str, Any], directory: Path) -> list[Callable[[], None]]:
+  """One map plot per metric, if there is anything to compare."""
+  if not results["comparisons"] or not results["groups"]:
+    return []
+  return [lambda m=metric: plot_metric_map(results, m, directory / plot_file(m))
+          for metric in results["metrics"]]
