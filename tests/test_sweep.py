@@ -8,7 +8,6 @@ import os
 import runpy
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -179,7 +178,7 @@ def test_run_mode_caches_cells_and_refuses_a_changed_cell(tmp_path):
   with pytest.raises(ConfigError) as error:
     sweep_task.run_sweep(config, tmp_path)
   message = one_line(error)
-  assert message.startswith("sweep run 'seed=0': workdir")
+  assert message.startswith("sweep run 'cells/seed=0': workdir")
   assert "train.batch_size" in message
 
 
@@ -189,7 +188,7 @@ def test_on_error_continue_runs_the_other_cells(tmp_path):
                          on_error="continue")
   with pytest.raises(AdcordaError) as error:
     sweep_task.run_sweep(config, tmp_path)
-  assert "1 of 2 sweep runs failed (train.learning_rate=-1,seed=0)" in one_line(error)
+  assert "1 of 2 sweep runs failed (cells/train.learning_rate=-1,seed=0)" in one_line(error)
   saved = json.loads((tmp_path / "results.json").read_text())
   status = {cell["name"]: cell["status"] for cell in saved["cells"]}
   assert status["train.learning_rate=0.1,seed=0"] == "complete"

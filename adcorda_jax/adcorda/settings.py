@@ -26,8 +26,8 @@ from adcorda_jax.training import sharding
 from adcorda_jax.training.finetune import (ALIGNMENT_KEYS, FinetuneSettings,
                                           read_finetune_settings, without_alignment)
 
-__all__ = ["ADCORDA_ONLY_KEYS", "ALIGNMENT_KEYS", "AdaptationSettings", "CorrectionSettings", "Settings",
-           "read_adaptation", "read_correction", "read_settings", "without_alignment"]
+__all__ = ["ADCORDA_ONLY_KEYS", "ALIGNMENT_KEYS", "AdaptationSettings", "CorrectionSettings",
+           "Settings", "read_adaptation", "read_correction", "read_settings", "without_alignment"]
 
 @dataclasses.dataclass(frozen=True)
 class CorrectionSettings:

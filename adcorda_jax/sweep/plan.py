@@ -77,6 +77,12 @@ class Job:
   def config(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_read_literal(self.config_text))
 
+  @property
+  def label(self) -> str:
+    """`cells/<name>` or `baselines/<name>`: unique in a sweep (a cell and a baseline may share
+    a name)."""
+    return f"{self.workdir.parent.name}/{self.name}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:

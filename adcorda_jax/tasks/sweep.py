@@ -103,16 +103,17 @@ def write_commands(plan: plan_lib.Plan, workdir: Path) -> dict[str, Any]:
   lines = {name: [job_command(job, command) for job in jobs]
            for name, jobs in (("baseline", plan.baselines), ("cell", plan.cells))}
   write = workdir_lib.write_text_atomic
-  write(workdir / "commands.txt", "".join(f"{line}\n" for line in lines["baseline"] + lines["cell"]))
+  every = lines["baseline"] + lines["cell"]
+  write(workdir / "commands.txt", "".join(f"{line}\n" for line in every))
   for name, group in lines.items():
     write(workdir / f"{name}_commands.txt", "".join(f"{line}\n" for line in group))
   write(workdir / "slurm_array.sh", SLURM_ARRAY.format(workdir=shlex.quote(str(workdir))))
   cells = f"sbatch --parsable --array=1-{len(plan.cells)} slurm_array.sh cell_commands.txt"
+  submit = cells
   if plan.baselines:
+    after = cells.replace("--parsable", "--dependency=afterok:$baselines")
     submit = (f"baselines=$(sbatch --parsable --array=1-{len(plan.baselines)} slurm_array.sh "
-              f"baseline_commands.txt)\n{cells.replace('--parsable', '--dependency=afterok:$baselines')}")
-  else:
-    submit = cells
+              f"baseline_commands.txt)\n{after}")
   collect_line = job_command(plan_lib.Job("sweep", {}, "", workdir, workdir / "configs" /
                                           "sweep.py"), command)
   write(workdir / "submit_slurm.sh", SUBMIT.format(workdir=shlex.quote(str(workdir)),
@@ -120,8 +121,7 @@ def write_commands(plan: plan_lib.Plan, workdir: Path) -> dict[str, Any]:
   logging.info("Wrote %d commands (%d shared baselines first) to %s; SLURM: bash %s; then "
                "collect: %s", len(plan.jobs), len(plan.baselines), workdir / "commands.txt",
                workdir / "submit_slurm.sh", collect_line)
-  return {"status": "commands", "task": "sweep", "commands": lines["baseline"] + lines["cell"],
-          "collect": collect_line}
+  return {"status": "commands", "task": "sweep", "commands": every, "collect": collect_line}
 
 
 SLURM_ARRAY = """#!/usr/bin/env bash
@@ -172,36 +172,38 @@ def run_jobs(plan: plan_lib.Plan, job_callback: JobCallback | None) -> dict[str,
   failures: dict[str, str] = {}
   started, computed = time.perf_counter(), []
   jobs = plan.jobs
+  done_before = {job.label for job in jobs if _finished(job) is not None}
+  if done_before:
+    logging.info("sweep: %d of %d runs finished earlier (loaded, not rerun); %d to run",
+                 len(done_before), len(jobs), len(jobs) - len(done_before))
   for index, job in enumerate(jobs, 1):
-    if job.baseline is not None and job.baseline in failures:
-      failures[job.name] = f"its baseline {job.baseline!r} failed"
+    if job.baseline is not None and f"baselines/{job.baseline}" in failures:
+      failures[job.label] = f"its baseline {job.baseline!r} failed"
       continue
-    if _finished(job) is not None:
-      logging.info("%s", progress_line(index, len(jobs), computed, started,
-                                      f"{job.name} (finished earlier)"))
+    if job.label in done_before:
       continue
     if job_callback is not None:
       job_callback(job)
-    logging.info("Sweep run %d/%d: %s in %s", index, len(jobs), job.name, job.workdir)
+    logging.info("Sweep run %d/%d: %s", index, len(jobs), job.workdir)
     job_started = time.perf_counter()
     try:
       tasks.run_task(job.config, job.workdir)
     except AdcordaError as e:
       if plan.settings.on_error == "stop":
-        raise type(e)(f"sweep run {job.name!r}: {e}") from None
-      failures[job.name] = str(e)
-      logging.error("Sweep run %s failed (sweep.on_error=continue): %s", job.name, e)
+        raise type(e)(f"sweep run {job.label!r}: {e}") from None
+      failures[job.label] = str(e)
+      logging.error("Sweep run %s failed (sweep.on_error=continue): %s", job.label, e)
     computed.append(time.perf_counter() - job_started)
     logging.info("%s", progress_line(index, len(jobs), computed, started,
-                                    f"{job.name} {computed[-1]:.0f} s"))
+                                    f"{job.label} {computed[-1]:.0f} s"))
   return failures
 
 
 def _status(job: plan_lib.Job, results: dict[str, Any] | None, failures: dict[str, str]) -> str:
   if results is not None:
     return "complete"
-  if job.name in failures:
-    return f"failed: {failures[job.name]}"
+  if job.label in failures:
+    return f"failed: {failures[job.label]}"
   if pipeline.finished_results(job.workdir) is not None:
     return "stale"  # Finished with another config: rerun the sweep to redo it.
   return "missing"
