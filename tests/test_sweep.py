@@ -167,7 +167,7 @@ def test_run_mode_caches_cells_and_refuses_a_changed_cell(tmp_path):
   # 0.05 is tiny.py's own learning rate: that cell is the base cell.
   assert [g["name"] for g in results["groups"]] == ["base", "train.learning_rate=0.1"]
   assert all(g["units"] == 2 for g in results["groups"])
-  for name in ("results.json", "report.md", "configs/sweep.py",
+  for name in ("results.json", "report.md", "configs/sweep.py", "by_axis_test_accuracy.png",
                "cells/train.learning_rate=0.1,seed=1/results.json"):
     assert (tmp_path / name).exists(), name
   ran = []
@@ -231,4 +231,5 @@ def test_commands_then_collect_equals_running_here(tmp_path):
   assert _numbers(collected) == _numbers(json.loads(json.dumps(here)))
   assert collected["groups"][0]["comparisons"] == json.loads(json.dumps(
       here["groups"][0]["comparisons"]))
-  assert (tmp_path / "there" / "map_test_accuracy.png").exists()
+  for plot in ("map_test_accuracy.png", "by_axis_robust.pgd_0.05.png"):
+    assert (tmp_path / "there" / plot).exists(), plot

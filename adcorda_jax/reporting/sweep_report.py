@@ -21,7 +21,13 @@ def _scale(metric: str) -> float:
 
 
 def plot_file(metric: str) -> str:
+  """The map of paired differences of `metric`."""
   return "map_" + re.sub(r"[^A-Za-z0-9.+-]", "_", metric) + ".png"
+
+
+def axis_plot_file(metric: str) -> str:
+  """The variants' `metric` against each axis."""
+  return "by_axis_" + re.sub(r"[^A-Za-z0-9.+-]", "_", metric) + ".png"
 
 
 def _mean_std(entry: dict[str, Any] | None, scale: float) -> str:
@@ -71,7 +77,10 @@ def sweep_markdown(results: dict[str, Any]) -> str:
       "of each); this sweep call "
       f"{results['wall_seconds']:.1f} s.", ""]
   for metric in results["metrics"]:
-    lines += [f"## {metric}", "", f"![{metric}]({plot_file(metric)})", ""]
+    lines += [f"## {metric}", ""]
+    if results["comparisons"]:
+      lines += [f"![{metric} differences]({plot_file(metric)})", ""]
+    lines += [f"![{metric} by axis]({axis_plot_file(metric)})", ""]
     lines += metric_table(results, metric) + [""]
   lines += ["## Runs", "", "| run | kind | status | wall (s) |", "|---|---|---|---:|"]
   for cell in results["cells"]:
@@ -113,12 +122,7 @@ def _series_points(members: list[dict[str, Any]], axis: str
 def plot_metric_map(results: dict[str, Any], metric: str, path: Path) -> None:
   """A row per comparison, a panel per axis: the paired difference (95% CI) against the axis
   value, one line per set of the other axes' values (one line in a one-at-a-time map)."""
-  axes, groups, scale = results["axes"], results["groups"], _scale(metric)
-  panels = [(axis, axis_series(groups, axis, axes)) for axis in axes]
-  panels = [(axis, series) for axis, series in panels if series]
-  if not panels:  # No axis with two values among otherwise equal cells: one panel of all cells.
-    panels = [("cell", [("", groups)])]
-  comparisons = results["comparisons"]
+  scale, panels, comparisons = _scale(metric), _panels(results), results["comparisons"]
   figure, grid = plt.subplots(len(comparisons), len(panels), squeeze=False, sharey="row",
                               figsize=(2.8 * len(panels) + 0.6, 2.6 * len(comparisons)))
   for row, comparison in enumerate(comparisons):
@@ -152,9 +156,49 @@ def plot_metric_map(results: dict[str, Any], metric: str, path: Path) -> None:
   save_figure_atomic(figure, path)
 
 
+def _panels(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, list[dict[str, Any]]]]]]:
+  """(axis, series) per axis with a series of two or more values, else one panel of all cells."""
+  axes, groups = results["axes"], results["groups"]
+  panels = [(axis, axis_series(groups, axis, axes)) for axis in axes]
+  return [(a, s) for a, s in panels if s] or [("cell", [("", groups)])]
+
+
+def plot_metric_by_axis(results: dict[str, Any], metric: str, path: Path) -> None:
+  """A panel per axis: each variant's mean (± seed std) against the axis value."""
+  scale, panels = _scale(metric), _panels(results)
+  columns = min(len(panels), 4)
+  rows = -(-len(panels) // columns)
+  figure, grid = plt.subplots(rows, columns, squeeze=False, sharey=True,
+                              figsize=(3.2 * columns + 0.6, 2.8 * rows))
+  for panel in grid.flat[len(panels):]:
+    panel.set_visible(False)
+  for panel, (axis, series) in zip(grid.flat, panels):
+    values, by_value = _series_points(series[0][1], axis)  # The base values' series.
+    for index, variant in enumerate(results["variants"]):
+      points = [(x, by_value[v]["variants"].get(variant, {}).get(metric))
+                for x, v in enumerate(values)]
+      points = [(x, e) for x, e in points if e is not None]
+      panel.errorbar([x + 0.05 * index for x, _ in points],
+                     [scale * e["mean"] for _, e in points],
+                     yerr=[scale * e["std"] for _, e in points], fmt="o-", capsize=2,
+                     color=f"C{index}", label=variant)
+    panel.set_xticks(range(len(values)), values, fontsize=7, rotation=30 if axis == "cell" else 0)
+    panel.set_xlabel(axis, fontsize=8)
+    panel.grid(alpha=0.3)
+  grid[0][0].set_ylabel(f"{metric}{' (%)' if _percent(metric) else ''}", fontsize=8)
+  grid[0][0].legend(fontsize=6)
+  figure.suptitle(f"{metric} by axis: mean ± std over seeds")
+  figure.tight_layout()
+  save_figure_atomic(figure, path)
+
+
 def map_plots(results: dict[str, Any], directory: Path) -> list[Callable[[], None]]:
-  """One map plot per metric, if there is anything to compare."""
-  if not results["comparisons"] or not results["groups"]:
+  """Per metric: the variants against each axis, and the map of paired differences."""
+  if not results["groups"]:
     return []
-  return [lambda m=metric: plot_metric_map(results, m, directory / plot_file(m))
-          for metric in results["metrics"]]
+  plots = [lambda m=metric: plot_metric_by_axis(results, m, directory / axis_plot_file(m))
+           for metric in results["metrics"]]
+  if results["comparisons"]:
+    plots += [lambda m=metric: plot_metric_map(results, m, directory / plot_file(m))
+              for metric in results["metrics"]]
+  return plots
