@@ -37,13 +37,7 @@ def sweep(key: str, values: Iterable[Any]) -> Cells:
 
 def product(*parts: Sequence[Mapping[str, Any]]) -> Cells:
   """Every combination of one cell from each part (later parts vary fastest)."""
-  cells = []
-  for combination in itertools.product(*parts):
-    merged: Cell = {}
-    for cell in combination:
-      _merge(merged, cell)
-    cells.append(merged)
-  return tuple(cells)
+  return tuple(_merged(combination) for combination in itertools.product(*parts))
 
 
 def zipit(*parts: Sequence[Mapping[str, Any]]) -> Cells:
@@ -51,13 +45,7 @@ def zipit(*parts: Sequence[Mapping[str, Any]]) -> Cells:
   lengths = {len(part) for part in parts}
   if len(lengths) > 1:
     raise ValueError(f"zipit needs parts of one length, got {sorted(lengths)}")
-  cells = []
-  for combination in zip(*parts):
-    merged: Cell = {}
-    for cell in combination:
-      _merge(merged, cell)
-    cells.append(merged)
-  return tuple(cells)
+  return tuple(_merged(combination) for combination in zip(*parts))
 
 
 def chain(*parts: Sequence[Mapping[str, Any]]) -> Cells:
@@ -72,11 +60,15 @@ def chain(*parts: Sequence[Mapping[str, Any]]) -> Cells:
   return tuple(cells)
 
 
-def _merge(into: Cell, cell: Mapping[str, Any]) -> None:
-  for key, value in cell.items():
-    if key in into and into[key] != value:
-      raise ValueError(f"a combined cell sets {key!r} twice ({into[key]!r} and {value!r})")
-    into[key] = value
+def _merged(cells: Iterable[Mapping[str, Any]]) -> Cell:
+  """One cell with the overrides of all `cells`; a key set to two values is an error."""
+  merged: Cell = {}
+  for cell in cells:
+    for key, value in cell.items():
+      if key in merged and merged[key] != value:
+        raise ValueError(f"a combined cell sets {key!r} twice ({merged[key]!r} and {value!r})")
+      merged[key] = value
+  return merged
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:
