@@ -38,12 +38,17 @@ def _mean_std(entry: dict[str, Any] | None, scale: float) -> str:
   return f"{scale * entry['mean']:.2f} ± {scale * entry['std']:.2f}"
 
 
+def _signed(value: float) -> str:
+  """`+1.23`; a float-rounding residue prints as +0.00, never -0.00."""
+  return f"{value if abs(value) >= 0.005 else 0.0:+.2f}"
+
+
 def _difference(entry: dict[str, Any] | None, scale: float) -> str:
   if not entry:
     return "-"
-  text = f"{scale * entry['mean']:+.2f}"
+  text = _signed(scale * entry["mean"])
   if entry["low"] is not None:
-    text += f" [{scale * entry['low']:+.2f}, {scale * entry['high']:+.2f}]"
+    text += f" [{_signed(scale * entry['low'])}, {_signed(scale * entry['high'])}]"
   return f"{text} {VERDICT_MARK[entry['verdict']]}"
 
 
@@ -62,6 +67,18 @@ def metric_table(results: dict[str, Any], metric: str) -> list[str]:
   return lines
 
 
+def map_table(results: dict[str, Any]) -> list[str]:
+  """Markdown rows: cell x (metric, comparison) paired differences with their 95% intervals."""
+  columns = [(m, c) for m in results["metrics"] for c in results["comparisons"]]
+  header = ["cell", "seeds"] + [f"{c}: {m}" for m, c in columns]
+  lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(columns)]
+  for group in results["groups"]:
+    cells = [f"`{group['name']}`", str(group["units"])]
+    cells += [_difference(group["comparisons"].get(c, {}).get(m), _scale(m)) for m, c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def sweep_markdown(results: dict[str, Any]) -> str:
   """The report: how to read it, one section per metric, then the cells and their status."""
   wall = results["runs_wall_seconds"]
@@ -76,6 +93,8 @@ def sweep_markdown(results: dict[str, Any]) -> str:
       f"Runs' recorded wall time: {wall / 60:.1f} min (sum over baselines and cells, last call "
       "of each); this sweep call "
       f"{results['wall_seconds']:.1f} s.", ""]
+  if results["comparisons"] and results["groups"]:
+    lines += ["## Map: paired differences (points), 95% intervals", ""] + map_table(results) + [""]
   for metric in results["metrics"]:
     lines += [f"## {metric}", ""]
     if results["comparisons"]:
