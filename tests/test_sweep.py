@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from adcorda_jax.errors import AdcordaError, ConfigError
+from adcorda_jax.reporting import sweep_report
 from adcorda_jax.sweep import aggregate, axes, plan as plan_lib
 from adcorda_jax.tasks import sweep as sweep_task
 from configs import sweep_adcorda_digits, tiny
@@ -149,6 +150,31 @@ def test_groups_pair_by_cell_seed_and_run_seed():
       0.25)
 
 
+def test_report_tables_and_plots_of_two_axis_values(tmp_path):
+  groups = []
+  for name, gain in (("base", 0.1), ("adapt.lambda_=3", 0.3)):
+    group = aggregate.Group(name=name, overrides={}, axis_values={"adapt.lambda_": 1.0 if
+                                                                  name == "base" else 3.0})
+    for seed, noise in enumerate((0.0, 0.02, -0.02)):
+      group.add(seed, [aggregate.Row("control", 0, {"test_accuracy": 0.5}),
+                       aggregate.Row("adcorda", 0, {"test_accuracy": 0.5 + gain + noise})])
+    groups.append(group)
+  tables = aggregate.aggregate_groups(groups, [plan_lib.Comparison("adcorda", "control")],
+                                      ("test_accuracy",))
+  results = {**tables, "axes": ["adapt.lambda_"], "seed_key": "seed", "base_task": "adcorda",
+             "cells_total": 6, "cells_complete": 6, "runs_wall_seconds": 60.0,
+             "wall_seconds": 1.0, "cells": []}
+  report = sweep_report.sweep_markdown(results)
+  half = 100 * stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)
+  assert (f"| `adapt.lambda_=3` | 3 | +30.00 [{30 - half:+.2f}, {30 + half:+.2f}] **higher** |"
+          in report)
+  assert "| `base` | 3 | 50.00 ± 0.00 | 60.00 ± 2.00 | +10.00 [" in report
+  for plot in sweep_report.map_plots(results, tmp_path):
+    plot()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["by_axis_test_accuracy.png",
+                                                        "map_test_accuracy.png"]
+
+
 def test_selected_metrics_expand_prefixes():
   available = ["test_accuracy", "robust.pgd@0.05", "robust.apgd_ce@0.05", "val_accuracy"]
   assert aggregate.selected_metrics(available, ("test_accuracy", "robust")) == [
@@ -231,5 +257,6 @@ def test_commands_then_collect_equals_running_here(tmp_path):
   assert _numbers(collected) == _numbers(json.loads(json.dumps(here)))
   assert collected["groups"][0]["comparisons"] == json.loads(json.dumps(
       here["groups"][0]["comparisons"]))
+  assert "## Map: paired differences" in (tmp_path / "there" / "report.md").read_text()
   for plot in ("map_test_accuracy.png", "by_axis_robust.pgd_0.05.png"):
     assert (tmp_path / "there" / plot).exists(), plot
