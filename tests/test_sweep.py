@@ -258,5 +258,5 @@ def test_commands_then_collect_equals_running_here(tmp_path):
   assert collected["groups"][0]["comparisons"] == json.loads(json.dumps(
       here["groups"][0]["comparisons"]))
   assert "## Map: paired differences" in (tmp_path / "there" / "report.md").read_text()
-  for plot in ("map_test_accuracy.png", "by_axis_robust.pgd_0.05.png"):
+  for plot in ("map_test_accuracy.png", "by_axis_test_accuracy.png"):  # sweep.metrics.
     assert (tmp_path / "there" / plot).exists(), plot
