@@ -18,7 +18,7 @@ from tests.helpers import one_line
 @pytest.mark.parametrize("key, value, expected", [
     ("task", "trian",
      "unknown task 'trian' (task); valid names: adcorda, benchmark_attack, benchmark_train, "
-     "compression_study, quantize, robustness, train"),
+     "compression_study, quantize, robustness, sweep, train"),
     ("model.name", "resnet7", "model.name"),
     ("data.name", "no_such_dataset", "data.name"),
     ("train.batch_size", 0, "train.batch_size must be an integer > 0, got 0"),
