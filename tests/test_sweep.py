@@ -108,6 +108,13 @@ def test_plan_shares_float_baselines_and_drops_base_values(tmp_path):
   assert cell.model.quant.weight_bits == 2 and cell.seed == 1
   baseline = plan.baselines[1].config
   assert baseline.task == "train" and "quant" not in baseline.model  # The float network.
+  # sweep.only matches the cell names as the folders are named, and keeps their baselines.
+  config.sweep.only = "^(train|seed=1$)"
+  subset = plan_lib.make_plan(config, tmp_path)
+  assert [job.name for job in subset.cells] == ["seed=1", "train.epochs=3,seed=0",
+                                                "train.epochs=3,seed=1"]
+  assert [job.name for job in subset.baselines] == ["seed=1", "train.epochs=3,seed=0",
+                                                    "train.epochs=3,seed=1"]
   # The written config file is the same config main.py would load.
   path = tmp_path / "cell.py"
   path.write_text(plan_lib.config_file_text(by_name["seed=0"].config_text, "test"))

@@ -53,7 +53,7 @@ class Comparison:
 class SweepSettings:
   """The validated `sweep` section."""
   mode: str
-  cells: tuple[axes.Cell, ...]   # Every cell's overrides, seeds included (after `only`).
+  cells: tuple[axes.Cell, ...]   # Every cell's overrides, seeds included.
   axis_keys: tuple[str, ...]     # Override keys in first-appearance order, the seed key last.
   seed_key: str
   comparisons: tuple[Comparison, ...]
@@ -61,6 +61,7 @@ class SweepSettings:
   share_baseline: bool
   on_error: str
   command: str
+  only: str = ""                 # Regex over cell names (as the cell folders are named).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +152,6 @@ def read_sweep(config: ml_collections.ConfigDict) -> SweepSettings:
     raise ConfigError(f"sweep.only={only!r} is not a valid regular expression: {e}") from None
   if pattern is None:
     raise ConfigError(f"sweep.only must be a regular expression string, got {only!r}")
-  if only:
-    cells = tuple(c for c in cells if pattern.search(axes.cell_name(c, order)))
-    if not cells:
-      raise ConfigError(f"sweep.only={only!r} matches no cell of this sweep")
   command = section.get("command", DEFAULT_COMMAND)
   if not isinstance(command, str) or not {"{config}", "{workdir}"} <= set(
       re.findall(r"\{\w+\}", command)):
@@ -169,7 +166,7 @@ def read_sweep(config: ml_collections.ConfigDict) -> SweepSettings:
       comparisons=_comparisons(section.get("compare", ())),
       metrics=_strings(section, "metrics", DEFAULT_METRICS), share_baseline=share,
       on_error=config_checks.one_of(section, "on_error", "sweep", ON_ERROR, default="stop"),
-      command=command)
+      command=command, only=only)
 
 
 def python_literal(value: Any, where: str = "config") -> str:
@@ -271,8 +268,12 @@ def make_plan(config: ml_collections.ConfigDict, workdir: Path) -> Plan:
   baselines: dict[str, Job] = {}
   cells = []
   normalized = _without_base_values(base, settings)
-  for name, overrides in zip(_unique_names(normalized, settings.axis_keys), normalized,
-                             strict=True):
+  named = list(zip(_unique_names(normalized, settings.axis_keys), normalized, strict=True))
+  if settings.only:
+    named = [(name, cell) for name, cell in named if re.search(settings.only, name)]
+    if not named:
+      raise ConfigError(f"sweep.only={settings.only!r} matches no cell of this sweep")
+  for name, overrides in named:
     where = f"sweep cell {name!r}"
     cell_config = apply_overrides(base, overrides, where)
     baseline_name = None
