@@ -220,16 +220,16 @@ def collect(run: pipeline.Run, plan: plan_lib.Plan, failures: dict[str, str]) ->
     status = _status(job, results, failures)
     seconds = float(results.get("wall_seconds", 0.0)) if results else None
     wall += seconds or 0.0
-    cells.append({"name": job.name, "kind": "cell" if job in plan.cells else "baseline",
+    kind = "cell" if job.label.startswith("cells/") else "baseline"
+    cells.append({"name": job.name, "kind": kind,
                   "overrides": job.overrides, "workdir": str(job.workdir), "status": status,
                   "wall_seconds": seconds, "baseline": job.baseline})
-    if results is None or job not in plan.cells:
+    if results is None or kind != "cell":
       continue
     key = {k: v for k, v in job.overrides.items() if k != settings.seed_key}
-    name = plan_lib.axes.cell_name(key, settings.axis_keys)
     cell_config = job.config
-    group = groups.setdefault(name, aggregate.Group(
-        name=name, overrides=key,
+    group = groups.setdefault(plan_lib.axes.cell_key(key), aggregate.Group(
+        name=plan_lib.axes.cell_name(key, settings.axis_keys), overrides=key,
         axis_values={k: plan_lib.effective_value(cell_config, k) for k in axis_keys}))
     group.cells.append(job.name)
     group.add(job.overrides.get(settings.seed_key), aggregate.cell_rows(results))
