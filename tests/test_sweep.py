@@ -182,6 +182,15 @@ def test_report_tables_and_plots_of_two_axis_values(tmp_path):
                                                         "map_test_accuracy.png"]
 
 
+def test_comparing_a_variant_no_cell_has_is_named():
+  group = aggregate.Group(name="base", overrides={}, axis_values={})
+  group.add(0, [aggregate.Row("adcorda", 0, {"test_accuracy": 0.5})])
+  with pytest.raises(ConfigError) as error:
+    aggregate.aggregate_groups([group], [plan_lib.Comparison("adcorda", "same_budget")],
+                               ("test_accuracy",))
+  assert "sweep.compare names 'same_budget', which no finished cell has" in one_line(error)
+
+
 def test_selected_metrics_expand_prefixes():
   available = ["test_accuracy", "robust.pgd@0.05", "robust.apgd_ce@0.05", "val_accuracy"]
   assert aggregate.selected_metrics(available, ("test_accuracy", "robust")) == [

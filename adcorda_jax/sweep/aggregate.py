@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
+from adcorda_jax.errors import ConfigError
 from adcorda_jax.sweep.plan import Comparison
 
 CONFIDENCE = 0.95
@@ -131,6 +132,11 @@ def aggregate_groups(groups: Sequence[Group], comparisons: Sequence[Comparison],
                for m in row}
   metrics = selected_metrics(available, requested_metrics)
   variants = list(dict.fromkeys(v for g in groups for unit in g.units.values() for v in unit))
+  unknown = sorted({name for c in comparisons for name in (c.minuend, c.subtrahend)
+                    if variants and name not in variants})
+  if unknown:
+    raise ConfigError(f"sweep.compare names {', '.join(map(repr, unknown))}, which no finished "
+                      f"cell has; its variants: {', '.join(variants)}")
   entries = []
   for group in groups:
     entry: dict[str, Any] = {"name": group.name, "overrides": group.overrides,
