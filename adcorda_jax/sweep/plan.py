@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
 import math
 import re
@@ -74,8 +75,9 @@ class Job:
   config_path: Path
   baseline: str | None = None  # Name of the shared baseline job this cell loads.
 
-  @property
+  @functools.cached_property
   def config(self) -> ml_collections.ConfigDict:
+    """The job's config, parsed once from `config_text` (treat it as read-only)."""
     return ml_collections.ConfigDict(_read_literal(self.config_text))
 
   @property
@@ -293,19 +295,22 @@ def _without_base_values(base: ml_collections.ConfigDict, settings: SweepSetting
                          ) -> tuple[axes.Cell, ...]:
   """The cells with overrides that equal the base value dropped (the seed key kept), each
   distinct cell once: an axis may list the base value, and that cell is the base cell."""
+  missing = object()  # A key the base lacks is kept: make_plan's apply_overrides names it.
   cells = []
   for cell in settings.cells:
-    for key in cell:
-      apply_overrides(base, {key: cell[key]}, f"sweep.cells entry {axes.cell_name(cell, ())!r}")
     cells.append({k: v for k, v in cell.items() if k == settings.seed_key
-                  or fingerprint.normalized(v) != fingerprint.normalized(_get(base, k))})
+                  or (base_value := _get(base, k, missing)) is missing
+                  or fingerprint.normalized(v) != fingerprint.normalized(base_value)})
   return axes.chain(cells)
 
 
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+def _get(config: ml_collections.ConfigDict, key: str, default: Any = None) -> Any:
+  """The value of dotted `key` in `config`, or `default` where a section or field is missing."""
   node: Any = config
   for part in key.split("."):
-    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return default
+    node = node[part]
   return node
 
 

@@ -187,7 +187,7 @@ def run_jobs(plan: plan_lib.Plan, job_callback: JobCallback | None) -> dict[str,
     logging.info("Sweep run %d/%d: %s", index, len(jobs), job.workdir)
     job_started = time.perf_counter()
     try:
-      tasks.run_task(job.config, job.workdir)
+      tasks.run_task(job.config.copy_and_resolve_references(), job.workdir)  # Tasks own theirs.
     except AdcordaError as e:
       if plan.settings.on_error == "stop":
         raise type(e)(f"sweep run {job.label!r}: {e}") from None
