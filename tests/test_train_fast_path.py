@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -147,7 +148,20 @@ def _train_mode_gradients(name, shape, fast):
   return jax.jit(gradients)(state.params, x), (loss, state.params, x)
 
 
-def test_small_cnn_train_mode_gradients_equal_the_plain_model():
+@pytest.fixture
+def smooth_relu(monkeypatch):
+  """The models' ReLUs as GELU while a whole-model gradient is compared.
+
+  With ReLU the comparison is luck: a pre-activation within float32 rounding of zero takes the
+  other side of the kink in one of the two programs, and its whole gradient jumps. Measured on
+  ResNet-20 over 5 input seeds, the worst leaf against float64 ranged 2.7e-6 to 1.1e-2 for the
+  native path and 2.6e-6 to 1.1e-2 for XLA's own float32 program (both hit on the same seed);
+  with GELU both stay at 5e-6 to 9e-6 on every seed. The convolutions under test are the same.
+  """
+  monkeypatch.setattr(nn, "relu", jax.nn.gelu)
+
+
+def test_small_cnn_train_mode_gradients_equal_the_plain_model(smooth_relu):
   fast, _ = _train_mode_gradients("small_cnn", (28, 28, 1), True)
   plain, _ = _train_mode_gradients("small_cnn", (28, 28, 1), False)
   errors = _relative_errors(fast, plain)  # Every weight leaf and the input gradient.
@@ -156,10 +170,9 @@ def test_small_cnn_train_mode_gradients_equal_the_plain_model():
 
 
 @pytest.mark.slow
-def test_resnet20_train_mode_gradients_equal_a_float64_reference():
-  # Against float64: here XLA's own float32 program is the less accurate one (0.5% off float64
-  # over all weights, 1% on some BatchNorm leaves, measured), while the native path is within
-  # a few 1e-6 of it on every leaf.
+def test_resnet20_train_mode_gradients_equal_a_float64_reference(smooth_relu):
+  # Against float64, every leaf within 1e-4 (measured 5e-6 to 9e-6 over 5 input seeds, the
+  # same as XLA's own float32 program); a wrong tap, phase or padding is off by O(1).
   fast, (loss, params, x) = _train_mode_gradients("resnet20", (32, 32, 3), True)
   with jax.enable_x64(True):
     to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
