@@ -276,3 +276,14 @@ def test_commands_then_collect_equals_running_here(tmp_path):
   assert "## Map: paired differences" in (tmp_path / "there" / "report.md").read_text()
   for plot in ("map_test_accuracy.png", "by_axis_test_accuracy.png"):  # sweep.metrics.
     assert (tmp_path / "there" / plot).exists(), plot
+  # The cells' results.json files alone, in another workdir: both cells count as done there, and
+  # their shared baseline (recorded at the old path) is not trained again.
+  for cell in (tmp_path / "there" / "cells").iterdir():
+    copy = tmp_path / "copy" / "cells" / cell.name
+    copy.mkdir(parents=True)
+    (copy / "results.json").write_text((cell / "results.json").read_text())
+  config.sweep.mode = "run"
+  ran = []
+  copied = sweep_task.run_sweep(config, tmp_path / "copy", job_callback=ran.append)
+  assert ran == [] and copied["cells_complete"] == 2
+  assert _numbers(json.loads(json.dumps(copied))) == _numbers(collected)

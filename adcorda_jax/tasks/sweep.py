@@ -12,14 +12,20 @@
 `sweep.share_baseline` (task=adcorda) cells that train the same baseline load one, trained once in
 `baselines/<name>/`. Modes:
 
-* `run`: the jobs run here one after another (finished ones are skipped), with a progress line and
-  ETA over the whole sweep, then `collect`.
+* `run`: the jobs run here one after another (finished ones are skipped, and so are shared
+  baselines that no unfinished cell needs), with a progress line and ETA over the whole sweep,
+  then `collect`.
 * `commands`: writes `configs/` (one config file per job), `commands.txt` (one `main.py` command
   per job, baselines first), `baseline_commands.txt` + `cell_commands.txt`, `slurm_array.sh` and
   `submit_slurm.sh` (a baseline array, then the cell array after it), and `configs/sweep.py`, the
   collect command's config. Nothing runs.
 * `collect`: aggregates the finished cells (`sweep.aggregate`) into results.json, report.md and
   one map plot per metric; missing or stale cells are listed, not guessed.
+
+A finished cell is its `cells/<name>/results.json` (status complete, and the config it records
+equal to the cell's but for the path of its shared baseline's folder): copied alone into another
+sweep workdir, it counts as done there for both `run` and `collect` (and its baseline is not
+trained again), so a map can be finished piecewise on several machines.
 """
 from __future__ import annotations
 
@@ -151,7 +157,15 @@ def _finished(job: plan_lib.Job) -> dict[str, Any] | None:
   if results is None:
     return None
   current = workdir_lib.config_to_dict(job.config)
-  if fingerprint.differences(results.get("config", {}), current, fingerprint.RESUMABLE_KEYS):
+  ignore = set(fingerprint.RESUMABLE_KEYS)
+  shared_key = plan_lib.SHARED_BASELINE_KEYS.get(job.config.get("task"))
+  if job.baseline is not None and shared_key:
+    # The shared baseline's folder, wherever the sweep workdir was: its name stands for its
+    # config (data, model, train, seed), which the rest of the comparison covers.
+    recorded = fingerprint.flatten(results.get("config", {})).get(shared_key)
+    if isinstance(recorded, str) and Path(recorded).parts[-2:] == ("baselines", job.baseline):
+      ignore.add(shared_key)
+  if fingerprint.differences(results.get("config", {}), current, ignore):
     return None
   return results
 
@@ -173,9 +187,16 @@ def run_jobs(plan: plan_lib.Plan, job_callback: JobCallback | None) -> dict[str,
   started, computed = time.perf_counter(), []
   jobs = plan.jobs
   done_before = {job.label for job in jobs if _finished(job) is not None}
-  if done_before:
-    logging.info("sweep: %d of %d runs finished earlier (loaded, not rerun); %d to run",
-                 len(done_before), len(jobs), len(jobs) - len(done_before))
+  # A shared baseline is only needed by cells still to run: cells finished elsewhere (their
+  # results.json copied into cells/) do not make this machine train their baseline again.
+  needed = {f"baselines/{job.baseline}" for job in plan.cells
+            if job.baseline is not None and job.label not in done_before}
+  unneeded = {job.label for job in plan.baselines} - needed - done_before
+  if done_before or unneeded:
+    logging.info("sweep: %d of %d runs finished earlier (loaded, not rerun), %d baselines not "
+                 "needed by any unfinished cell; %d to run", len(done_before), len(jobs),
+                 len(unneeded), len(jobs) - len(done_before) - len(unneeded))
+  done_before |= unneeded
   for index, job in enumerate(jobs, 1):
     if job.baseline is not None and f"baselines/{job.baseline}" in failures:
       failures[job.label] = f"its baseline {job.baseline!r} failed"
