@@ -286,7 +286,7 @@ def test_sharded_kernel_gradient_sums_the_devices_shares(tmp_path):
 
 
 @needs_native
-def test_qat_gradients_through_fake_quantized_kernels_equal_the_plain_path():
+def test_qat_gradients_through_fake_quantized_kernels_equal_the_plain_path(smooth_relu):
   from adcorda_jax.quant.quantized_model import quantized_apply_fn
   from adcorda_jax.quant.fake_quant import QuantSpec
   model = _model("small_cnn")
